@@ -1,0 +1,62 @@
+"""Resolve `policy.path` to a checkpoint folder (creating tiny models on first use) and load tokenizers."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+from policies.tiny import TinySpec, build_tiny_checkpoint
+
+TINY_PREFIX = "tiny:"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QRL_CACHE", Path.home() / ".cache" / "qrl"))
+
+
+def resolve_policy_path(path: str, tiny: dict | None = None, cache_dir: str | Path | None = None) -> str:
+    """Return a local folder or hub id for `path`.
+
+    `tiny:<name>` builds (once, cached by spec) a random-weight tiny model from `tiny` settings.
+    A local folder must hold `config.json`; anything else that looks like `org/name` is passed on
+    as a hub id (transformers/vLLM download it).
+    """
+    if path.startswith(TINY_PREFIX):
+        spec = TinySpec(**(tiny or {}))
+        digest = hashlib.sha1(spec.fingerprint().encode()).hexdigest()[:10]
+        root = Path(cache_dir) if cache_dir else default_cache_dir()
+        folder = root / "models" / f"{path[len(TINY_PREFIX):]}-{spec.family}-{digest}"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if not (folder / "model.safetensors").exists():
+                build_tiny_checkpoint(folder, spec)
+        return str(folder)
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(
+                f"policy.path={path!r} is a folder without config.json; point it at an HF checkpoint "
+                "folder (config.json + *.safetensors + tokenizer files) or a hub id like Qwen/Qwen3.5-0.8B"
+            )
+        return str(p.resolve())
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(
+            f"policy.path={path!r} does not exist; give an existing HF checkpoint folder, a hub id "
+            "like Qwen/Qwen3.5-0.8B, or tiny:<name> for a random-weight test model"
+        )
+    return path
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer at {path!r} has no chat template; add `chat_template` to its "
+            "tokenizer_config.json (or use an instruct checkpoint)"
+        )
+    return tok

@@ -1,0 +1,1 @@
+"""rl: controller, algorithms, learner, weight sync, logging."""

@@ -1,0 +1,55 @@
+"""Run logging: metrics.jsonl (one line per step), W&B (offline without an API key), progress bar."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, backend: str = "console", project: str = "qrl",
+                 run_name: str | None = None, mode: str = "auto", config: dict | None = None,
+                 total_steps: int = 0, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._f = open(self.metrics_path, "a", buffering=1)
+        self.wandb = None
+        if backend == "wandb":
+            import wandb
+
+            if mode == "auto":
+                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self.wandb = wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=mode,
+                                    config=config or {}, reinit="finish_previous")
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, metrics: dict) -> None:
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=int(clean.get("step", 0)))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({
+                "reward": f"{clean.get('reward/mean', 0):.3f}",
+                "tok/s": f"{clean.get('rollout/tokens_per_s', 0):.0f}",
+                "v": clean.get("policy/version"),
+            })
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self._f.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,50 @@
+"""Token logprobs (and entropy) without materialising [tokens x vocab] logits for the whole batch.
+
+The LM head is applied to `chunk_tokens` positions at a time; under autograd each chunk is
+checkpointed so the backward pass also keeps only one chunk of logits alive (248K vocab traps).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _chunk_entropy(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(head(h).float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of a *ForCausalLM (its decoder, without the LM head)."""
+    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def token_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 4096, with_entropy: bool = False
+):
+    """logprob of input_ids[:, t+1] given input_ids[:, :t+1]; returns [B, T-1] (and entropy [B, T-1])."""
+    head = model.get_output_embeddings()
+    h = hidden_states(model, input_ids)[:, :-1]
+    B, T, H = h.shape
+    targets = input_ids[:, 1:].reshape(-1)
+    flat = h.reshape(-1, H)
+    n = flat.shape[0]
+    pieces, ents = [], []
+    for start in range(0, n, chunk_tokens):
+        hc, tc = flat[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and n > chunk_tokens:
+            pieces.append(checkpoint(_chunk_logprobs, head, hc, tc, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(head, hc, tc))
+        if with_entropy:
+            with torch.no_grad():
+                ents.append(_chunk_entropy(head, hc))
+    lp = torch.cat(pieces).view(B, T)
+    if with_entropy:
+        return lp, torch.cat(ents).view(B, T)
+    return lp

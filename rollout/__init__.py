@@ -1,0 +1,1 @@
+"""rollout: vLLM engine actors, env actor pools and the episode runner."""

@@ -1,0 +1,36 @@
+"""vLLM worker extension: load HF-named weights sent by the learner into a running engine."""
+from __future__ import annotations
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`); `self` is the worker."""
+
+    def load_hf_weights(self, named_tensors) -> int:
+        # `reload_weights` re-runs vLLM's weight processing (CPU repacking, fused qkv, ...), which a
+        # plain `model.load_weights` after start-up does not.
+        named_tensors = list(named_tensors)
+        self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        self._refresh_tied_lm_head()
+        return len(named_tensors)
+
+    def _refresh_tied_lm_head(self) -> None:
+        """With tied embeddings no `lm_head.*` weight is loaded, so a layerwise reload leaves the LM
+        head's processed kernel (on CPU: a prepacked copy of the *old* embedding) stale. Re-tie it
+        and re-run its weight processing from the freshly loaded embedding."""
+        model = self.model_runner.model
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "get_text_config"):
+            cfg = cfg.get_text_config()
+        if not getattr(cfg, "tie_word_embeddings", False):
+            return
+        modules = dict(model.named_modules())
+        heads = [m for n, m in modules.items() if n.endswith("lm_head")]
+        embeds = [m for n, m in modules.items() if n.endswith("embed_tokens")]
+        if len(heads) != 1 or len(embeds) != 1:
+            raise RuntimeError(
+                f"tied embeddings: expected one lm_head and one embed_tokens module, found "
+                f"{len(heads)} and {len(embeds)}; weight sync cannot refresh the LM head"
+            )
+        head, embed = heads[0], embeds[0]
+        head.weight = embed.weight
+        head.quant_method.process_weights_after_loading(head)

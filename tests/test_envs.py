@@ -1,0 +1,71 @@
+"""The environment API, registry and the contract checks a plugin author relies on."""
+import gymnasium as gym
+import pytest
+
+from envs import available_envs, make_env
+from envs.base import EnvContractError, check_reset_output, check_step_output
+from envs.builtin.copy_digits import CopyDigitsEnv, score
+from envs.registry import EnvRegistryError
+from rollout.env_pool import EnvHost
+
+
+def test_copy_digits_is_a_gymnasium_env_and_deterministic_per_seed():
+    env = make_env("copy_digits", kwargs={"min_digits": 2, "max_digits": 3})
+    assert isinstance(env, gym.Env)
+    obs, info = env.reset(seed=7)
+    obs2, info2 = make_env("copy_digits", kwargs={"min_digits": 2, "max_digits": 3}).reset(seed=7)
+    assert obs == obs2 and info["target"] == info2["target"]
+    assert obs[0]["role"] == "user" and info["target"] in obs[0]["content"]
+    _, reward, terminated, truncated, step_info = env.step(info["target"])
+    assert reward == pytest.approx(1.0) and terminated and not truncated and step_info["exact"]
+
+
+def test_copy_digits_score():
+    assert score("42", "42") == pytest.approx(1.0)
+    assert score("", "42") == 0.0
+    assert score("41", "42") == pytest.approx(0.2 + 0.8 * 0.5)
+    assert score("ab", "42") == 0.0
+    assert score("4200", "42") == pytest.approx(0.2 + 0.8 * 2 / 4)
+
+
+def test_builtin_registered_through_entry_point():
+    envs = available_envs()
+    assert envs["copy_digits"] == "envs.builtin.copy_digits:CopyDigitsEnv"
+
+
+def test_target_path_and_unknown_name():
+    env = make_env(target="envs.builtin.copy_digits.CopyDigitsEnv")
+    assert isinstance(env, CopyDigitsEnv)
+    with pytest.raises(EnvRegistryError, match="unknown env 'nope'; available: .*copy_digits"):
+        make_env("nope")
+
+
+def test_plugin_that_fails_to_import_is_named():
+    with pytest.raises(EnvRegistryError, match="module 'no_such_plugin_mod' raised ModuleNotFoundError"):
+        make_env(target="no_such_plugin_mod:Env")
+
+
+def test_contract_errors_name_method_and_expectation():
+    with pytest.raises(EnvContractError, match=r"bad.reset\(\) returned str; expected a tuple \(obs, info\)"):
+        check_reset_output("bad", "hello")
+    with pytest.raises(EnvContractError, match=r"bad.step\(\) returned tuple of length 3"):
+        check_step_output("bad", ("o", 1.0, True))
+    with pytest.raises(EnvContractError, match="reward None; expected a number"):
+        check_step_output("bad", ("o", None, True, False, {}))
+    with pytest.raises(EnvContractError, match="finite"):
+        check_step_output("bad", ("o", float("nan"), True, False, {}))
+
+
+class RaisingEnv(CopyDigitsEnv):
+    def step(self, action):
+        raise RuntimeError("boom")
+
+
+def test_env_host_turns_exceptions_into_counted_errors():
+    host = EnvHost(None, "tests.test_envs:RaisingEnv", {})
+    r = host.reset_batch([(0, 1), (1, 2)])
+    assert all("obs" in x for x in r) and host.num_live() == 2
+    out = host.step_batch([(0, "1"), (5, "1")])
+    assert "RuntimeError: boom" in out[0]["error"] and "step()" in out[0]["error"]
+    assert "no live env" in out[1]["error"]
+    assert host.num_live() == 1  # the failed env was closed

@@ -1,0 +1,20 @@
+import torch
+
+from rl.trajectory import Trajectory, collate
+
+
+def test_collate_aligns_tokens_masks_and_versions():
+    a = Trajectory(prompt_ids=[5, 6, 7])
+    a.add_policy_tokens([8, 9], [-0.5, -0.25], version=3)
+    a.add_env_tokens([10])
+    a.add_policy_tokens([11], [-0.125], version=4)
+    b = Trajectory(prompt_ids=[5])
+    b.add_policy_tokens([1], [-1.0], version=3)
+    batch = collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11], [5, 1, 0, 0, 0, 0, 0]]
+    # entry t scores input_ids[:, t+1]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 1], [1, 0, 0, 0, 0, 0]]
+    assert batch["behaviour_logprobs"][0].tolist() == [0, 0, -0.5, -0.25, 0, -0.125]
+    assert batch["versions"][0].tolist() == [-1, -1, 3, 3, -1, 4]
+    assert batch["lengths"].tolist() == [7, 2]
+    assert a.num_policy_tokens == 3
