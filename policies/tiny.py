@@ -29,7 +29,7 @@ class TinySpec:
     full_attention_interval: int = 4
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
+    initializer_range: float = 0.1
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -24,7 +24,7 @@ class TinyModelConfig:
     full_attention_interval: int = 4
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
+    initializer_range: float = 0.1
     seed: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -51,7 +51,7 @@ class RolloutConfig:
     engine_num_cpus: float = 1.0
     prompts_per_step: int = 32
     group_size: int = 8
-    max_tokens: int = 8
+    max_tokens: int = 6
     temperature: float = 1.0
     top_p: float = 1.0
     max_turns: int = 1

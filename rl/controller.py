@@ -138,7 +138,7 @@ class Controller:
         t_train = time.perf_counter() - t1
         self.version += 1
         t2 = time.perf_counter()
-        sync = ray.get([x.push_weights.remote(self.engines, self.version, cfg.learner.sync_bucket_mb, self.engine_dtype)
+        sync = ray.get([x.push_weights.remote(self.engines, self.version, cfg.learner.sync_bucket_mb)
                         for x in self.learners])[0]
         t_sync = time.perf_counter() - t2
         resp_lens = [t.num_policy_tokens for t in trajs]
@@ -183,6 +183,7 @@ def run_training(cfg, run_dir: str | Path) -> Path:
     print(f"[qrl] run folder: {Path(run_dir).resolve()}  metrics: {logger.metrics_path.resolve()}", flush=True)
     try:
         ctl.start()
+        logger.start_progress()
         for _ in range(cfg.steps):
             logger.log(ctl.train_step())
     finally:

@@ -24,10 +24,14 @@ class RunLogger:
             self.wandb = wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=mode,
                                     config=config or {}, reinit="finish_previous")
         self.bar = None
-        if progress:
+        self._progress, self._total = progress, total_steps
+
+    def start_progress(self) -> None:
+        """Show the progress bar (call once setup is done, so its rate reflects training steps)."""
+        if self._progress and self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self._total, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, metrics: dict) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}

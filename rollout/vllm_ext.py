@@ -1,6 +1,28 @@
 """vLLM worker extension: load HF-named weights sent by the learner into a running engine."""
 from __future__ import annotations
 
+import logging
+
+# Layers with nothing to load in a reload: a tied LM head (refreshed below) and rotary embeddings.
+_EXPECTED_UNLOADED = ("ParallelLMHead", "RotaryEmbedding")
+
+
+class _ExpectedReloadNoise(logging.Filter):
+    """Drop per-tensor warnings that every sync would repeat: layers with nothing to load, and
+    fp32 learner tensors cast into bf16 engine parameters (vLLM casts; some, e.g. GDN's A_log,
+    stay fp32 in the engine, which is why the learner does not pre-cast)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.endswith("Failed to load weights") and msg.startswith(_EXPECTED_UNLOADED):
+            return False
+        return not (msg.startswith("Attempted to load weight") and "with dtype" in msg)
+
+
+for _name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.weight_utils",
+              "vllm.model_executor.models.utils"):
+    logging.getLogger(_name).addFilter(_ExpectedReloadNoise())
+
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`); `self` is the worker."""

@@ -23,9 +23,10 @@ def test_copy_digits_is_a_gymnasium_env_and_deterministic_per_seed():
 def test_copy_digits_score():
     assert score("42", "42") == pytest.approx(1.0)
     assert score("", "42") == 0.0
-    assert score("41", "42") == pytest.approx(0.2 + 0.8 * 0.5)
-    assert score("ab", "42") == 0.0
-    assert score("4200", "42") == pytest.approx(0.2 + 0.8 * 2 / 4)
+    assert score("41", "42") == pytest.approx(0.1 + 0.7 * 0.5 + 0.2)
+    assert score("ab", "42") == pytest.approx(0.2)  # right length only
+    assert score("4200", "42") == pytest.approx(0.1 + 0.7 + 0.2 / 3)  # right digits, too long
+    assert score("7", "42") == pytest.approx(0.1 * 0.5 + 0.2 / 2)
 
 
 def test_builtin_registered_through_entry_point():

@@ -11,22 +11,27 @@ import random
 from envs.base import TextEnv
 
 
-def score(answer: str, target: str, digit_bonus: float = 0.2) -> float:
-    """0.2 * (share of digit characters) + 0.8 * (position matches / max(len(answer), len(target)))."""
+def score(answer: str, target: str, digit_bonus: float = 0.1, length_bonus: float = 0.2) -> float:
+    """Partial credit, 1.0 only for the exact answer:
+    digit_bonus * (share of digits among the first len(target) chars)
+    + (1 - digit_bonus - length_bonus) * (share of target positions matched)
+    + length_bonus / (1 + |len(answer) - len(target)|)."""
     answer = answer.strip()
     if not answer:
         return 0.0
-    digits = sum(c.isdigit() for c in answer) / len(answer)
-    matches = sum(a == t for a, t in zip(answer, target))
-    accuracy = matches / max(len(answer), len(target))
-    return digit_bonus * digits + (1.0 - digit_bonus) * accuracy
+    n = len(target)
+    digits = sum(c.isdigit() for c in answer[:n]) / n
+    accuracy = sum(a == t for a, t in zip(answer, target)) / n
+    length = 1.0 / (1 + abs(len(answer) - n))
+    return digit_bonus * digits + (1.0 - digit_bonus - length_bonus) * accuracy + length_bonus * length
 
 
 class CopyDigitsEnv(TextEnv):
-    def __init__(self, min_digits: int = 1, max_digits: int = 2, digit_bonus: float = 0.2):
+    def __init__(self, min_digits: int = 1, max_digits: int = 2, digit_bonus: float = 0.1, length_bonus: float = 0.2):
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"copy_digits needs 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-        self.min_digits, self.max_digits, self.digit_bonus = min_digits, max_digits, digit_bonus
+        self.min_digits, self.max_digits = min_digits, max_digits
+        self.digit_bonus, self.length_bonus = digit_bonus, length_bonus
         self.target = ""
 
     def reset(self, seed: int | None = None, options: dict | None = None):
@@ -39,5 +44,5 @@ class CopyDigitsEnv(TextEnv):
     def step(self, action: str):
         if not isinstance(action, str):
             raise TypeError(f"copy_digits.step expects the policy's text, got {type(action).__name__}")
-        reward = score(action, self.target, self.digit_bonus)
+        reward = score(action, self.target, self.digit_bonus, self.length_bonus)
         return [], reward, True, False, {"target": self.target, "exact": action.strip() == self.target}

@@ -1,0 +1,57 @@
+"""Bad input gets a one-line error naming the cause and the fix (checked through the real CLI)."""
+import subprocess
+import sys
+
+from tests.conftest import REPO, cli_env
+
+
+def run_cli(tmp_path, *overrides, timeout=600):
+    cmd = [sys.executable, "-m", "rl.train", "logger=console", f"run_dir={tmp_path / 'run'}",
+           f"cache_dir={tmp_path / 'cache'}", f"ray.temp_dir={tmp_path / 'ray'}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(proc) -> str:
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_unknown_config_key(tmp_path):
+    line = error_line(run_cli(tmp_path, "learner.zero_stge=3"))
+    assert "unknown config key 'learner.zero_stge'" in line and "zero_stage" in line
+
+
+def test_unknown_group_option(tmp_path):
+    line = error_line(run_cli(tmp_path, "env=no_such_env"))
+    assert "env/no_such_env" in line and "copy_digits" in line
+
+
+def test_missing_checkpoint_path(tmp_path):
+    line = error_line(run_cli(tmp_path, f"policy.path={tmp_path / 'nope'}"))
+    assert "does not exist" in line and "HF checkpoint folder" in line
+
+
+def test_checkpoint_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = error_line(run_cli(tmp_path, f"policy.path={tmp_path / 'empty'}"))
+    assert "without config.json" in line
+
+
+def test_env_plugin_that_fails_to_import(tmp_path):
+    line = error_line(run_cli(tmp_path, "env._target_=no_such_plugin.envs:MyEnv"))
+    assert "could not be imported" in line and "no_such_plugin" in line and "pip install" in line
+
+
+def test_inconsistent_batch_sizes(tmp_path):
+    line = error_line(run_cli(tmp_path, "rollout.prompts_per_step=3", "learner.num_ranks=2"))
+    assert "learner.num_ranks=2" in line
+
+
+def test_environment_that_raises_stops_the_run_with_its_error(tmp_path):
+    proc = run_cli(tmp_path, "env._target_=tests.helpers.bad_envs:AlwaysRaisesEnv", "steps=2",
+                   "rollout.prompts_per_step=4", "learner.micro_batch_size=32")
+    line = error_line(proc)
+    assert "failed on 32/32 episodes after 1 retries" in line
+    assert "RuntimeError: reward service unavailable" in line and "Fix the environment" in line
