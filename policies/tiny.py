@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from policies.tokenizer import save_byte_tokenizer
+from policies.tokenizer import save_tokenizer
 
 
 @dataclass
 class TinySpec:
     family: str = "qwen3_5"  # qwen3_5 | qwen3
+    tokenizer: str = "char"  # char | byte
     hidden_size: int = 64
     intermediate_size: int = 192
     num_hidden_layers: int = 4
@@ -87,7 +88,7 @@ def build_tiny_checkpoint(folder: str | Path, spec: TinySpec | None = None) -> P
     spec = spec or TinySpec()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = save_byte_tokenizer(folder)
+    tok = save_tokenizer(folder, spec.tokenizer)
     cfg = make_config(spec, vocab_size=len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

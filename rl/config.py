@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class TinyModelConfig:
     family: str = "qwen3_5"
+    tokenizer: str = "char"  # char (small action space, for learning tests) | byte
     hidden_size: int = 64
     intermediate_size: int = 192
     num_hidden_layers: int = 4
@@ -51,7 +52,7 @@ class RolloutConfig:
     engine_num_cpus: float = 1.0
     prompts_per_step: int = 32
     group_size: int = 8
-    max_tokens: int = 6
+    max_tokens: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     max_turns: int = 1
@@ -118,7 +119,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    steps: int = 40
+    steps: int = 30
     seed: int = 0
     cache_dir: Optional[str] = None  # tiny models are built here (default ~/.cache/qrl)
     run_dir: Optional[str] = None  # default: the Hydra run folder

@@ -133,10 +133,10 @@ class Learner:
                     mb[k] = mb[k][:, : T - 1]
             yield {k: v.to(self.device) for k, v in mb.items()}
 
-    def _allreduce_sum(self, values: list[float]) -> list[float]:
+    def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world > 1:
-            torch.distributed.all_reduce(t)
+            torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
         return t.tolist()
 
     @torch.no_grad()
@@ -169,14 +169,14 @@ class Learner:
         # engine vs learner on the same sampled tokens: KL(engine || learner), k3 estimate
         beh = local["behaviour_logprobs"]
         mm_kl = kl_estimate(beh, old_lp, "k3")
-        sums = self._allreduce_sum([
-            float((mm_kl * mask).sum()), float(((beh - old_lp).abs() * mask).sum()),
-            float(((beh - old_lp).abs() * mask).max()) if mask.sum() > 0 else 0.0,
-            float((entropy * mask).sum()), float(mask.sum()),
-        ])
-        n_tok = max(sums[4], 1.0)
+        absdiff = (beh - old_lp).abs() * mask
+        sums = self._allreduce([float((mm_kl * mask).sum()), float(absdiff.sum()), float((entropy * mask).sum()),
+                                float(mask.sum())])
+        (max_diff,) = self._allreduce([float(absdiff.max()) if absdiff.numel() else 0.0], "max")
+        n_tok = max(sums[3], 1.0)
         stats = {"mismatch/kl": sums[0] / n_tok, "mismatch/abs_logprob_diff": sums[1] / n_tok,
-                 "policy/entropy": sums[3] / n_tok, "train/policy_tokens": sums[4]}
+                 "mismatch/max_abs_logprob_diff": max_diff, "policy/entropy": sums[2] / n_tok,
+                 "train/policy_tokens": sums[3]}
         score_s = time.perf_counter() - t0
 
         loss_fn = POLICY_LOSSES[self.algo.policy_loss]

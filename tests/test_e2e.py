@@ -33,6 +33,14 @@ def test_default_config_runs_and_reports(tmp_path):
     assert (tmp_path / "run" / "wandb").is_dir()  # offline W&B run inside the run folder
 
 
+def test_qwen3_fp32_engine_matches_learner_every_step(tmp_path):
+    """With fp32 on both sides, the engine's sampling logprobs equal the learner's right after each sync."""
+    _, metrics = run_cli(tmp_path, "steps=3", "logger=console", "policy=tiny_qwen3")
+    for m in metrics:
+        assert m["mismatch/max_abs_logprob_diff"] < 1e-4, m
+        assert m["policy/version"] == m["step"] + 1
+
+
 def test_two_learner_ranks_zero3(tmp_path):
     _, metrics = run_cli(tmp_path, "steps=2", "logger=console", "learner.num_ranks=2", "learner.zero_stage=3",
                          "learner.micro_batch_size=32", "learner.num_cpus_per_rank=0.25")

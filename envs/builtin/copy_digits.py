@@ -16,7 +16,6 @@ def score(answer: str, target: str, digit_bonus: float = 0.1, length_bonus: floa
     digit_bonus * (share of digits among the first len(target) chars)
     + (1 - digit_bonus - length_bonus) * (share of target positions matched)
     + length_bonus / (1 + |len(answer) - len(target)|)."""
-    answer = answer.strip()
     if not answer:
         return 0.0
     n = len(target)
@@ -27,10 +26,13 @@ def score(answer: str, target: str, digit_bonus: float = 0.1, length_bonus: floa
 
 
 class CopyDigitsEnv(TextEnv):
-    def __init__(self, min_digits: int = 1, max_digits: int = 2, digit_bonus: float = 0.1, length_bonus: float = 0.2):
+    def __init__(self, min_digits: int = 1, max_digits: int = 2, alphabet: str = "0123456789",
+                 digit_bonus: float = 0.1, length_bonus: float = 0.2):
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"copy_digits needs 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-        self.min_digits, self.max_digits = min_digits, max_digits
+        if not alphabet or not all(c.isdigit() for c in alphabet):
+            raise ValueError(f"copy_digits alphabet must be non-empty digits, got {alphabet!r}")
+        self.min_digits, self.max_digits, self.alphabet = min_digits, max_digits, alphabet
         self.digit_bonus, self.length_bonus = digit_bonus, length_bonus
         self.target = ""
 
@@ -38,11 +40,11 @@ class CopyDigitsEnv(TextEnv):
         super().reset(seed=seed)
         rng = random.Random(seed)
         n = rng.randint(self.min_digits, self.max_digits)
-        self.target = "".join(rng.choice("0123456789") for _ in range(n))
+        self.target = "".join(rng.choice(self.alphabet) for _ in range(n))
         return [{"role": "user", "content": f"copy {self.target}"}], {"target": self.target}
 
     def step(self, action: str):
         if not isinstance(action, str):
             raise TypeError(f"copy_digits.step expects the policy's text, got {type(action).__name__}")
         reward = score(action, self.target, self.digit_bonus, self.length_bonus)
-        return [], reward, True, False, {"target": self.target, "exact": action.strip() == self.target}
+        return [], reward, True, False, {"target": self.target, "exact": action == self.target}
