@@ -153,5 +153,10 @@ def validate(cfg: TrainConfig) -> None:
                           ("algorithm.kl_estimator", a.kl_estimator, KL_ESTIMATORS)]:
         if val not in reg:
             raise ValueError(f"{key}={val!r} is unknown; available: {', '.join(sorted(reg))}")
+    if cfg.ray.temp_dir and len(str(cfg.ray.temp_dir)) > 50:
+        raise ValueError(
+            f"ray.temp_dir={cfg.ray.temp_dir!r} is {len(str(cfg.ray.temp_dir))} characters; Ray's socket "
+            "paths under it must stay below 107 bytes, so use a shorter folder (at most 50 characters)"
+        )
     if cfg.logger.backend not in ("wandb", "console"):
         raise ValueError(f"logger.backend={cfg.logger.backend!r}; use wandb or console")

@@ -62,6 +62,21 @@ def ds_config(s: LearnerSettings, world_size: int, grad_accum: int) -> dict:
     return cfg
 
 
+def register_zero3_external_params(model) -> list[str]:
+    """Gated DeltaNet reads `self.conv1d.weight` directly instead of calling `conv1d`, so ZeRO-3's
+    per-module hooks never gather it. Register it as an external parameter of the GDN block, so it
+    is gathered whenever the block runs (forward and backward). Returns the registered names."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    names = []
+    for name, mod in model.named_modules():
+        conv = getattr(mod, "conv1d", None)
+        if type(mod).__name__.endswith("GatedDeltaNet") and conv is not None:
+            register_external_parameter(mod, conv.weight)
+            names.append(f"{name}.conv1d.weight")
+    return names
+
+
 class Learner:
     def __init__(self, model_path: str, settings: LearnerSettings, algo: AlgoSettings, rank: int = 0,
                  world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
@@ -107,6 +122,8 @@ class Learner:
             keep = HfDeepSpeedConfig(self.ds_cfg)  # noqa: F841 - must stay alive during from_pretrained
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         del keep
+        if self.s.zero_stage == 3 and not plain:
+            register_zero3_external_params(model)
         if plain:
             model.to(self.device).eval().requires_grad_(False)
         elif self.s.gradient_checkpointing:

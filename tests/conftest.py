@@ -31,13 +31,20 @@ def tiny_path(cache_dir):
 def ray_cluster(tmp_path_factory):
     import ray
 
-    tmp = tmp_path_factory.mktemp("ray")
+    tmp = Path(short_tmp())
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    ray.init(num_cpus=2, _temp_dir=str(tmp / "r"), include_dashboard=False, runtime_env={"env_vars": env},
+    ray.init(num_cpus=2, _temp_dir=str(tmp), include_dashboard=False, runtime_env={"env_vars": env},
              logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def short_tmp() -> str:
+    """Ray's socket paths must stay under 107 bytes: keep its temp dir short."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="qr", dir="/tmp")
 
 
 def cli_env(tmp_path: Path) -> dict:

@@ -2,12 +2,12 @@
 import subprocess
 import sys
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, short_tmp
 
 
 def run_cli(tmp_path, *overrides, timeout=600):
     cmd = [sys.executable, "-m", "rl.train", "logger=console", f"run_dir={tmp_path / 'run'}",
-           f"cache_dir={tmp_path / 'cache'}", f"ray.temp_dir={tmp_path / 'ray'}", *overrides]
+           f"cache_dir={tmp_path / 'cache'}", f"ray.temp_dir={short_tmp()}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
@@ -45,8 +45,18 @@ def test_env_plugin_that_fails_to_import(tmp_path):
 
 
 def test_inconsistent_batch_sizes(tmp_path):
-    line = error_line(run_cli(tmp_path, "rollout.prompts_per_step=3", "learner.num_ranks=2"))
-    assert "learner.num_ranks=2" in line
+    line = error_line(run_cli(tmp_path, "rollout.prompts_per_step=3", "learner.num_ranks=5"))
+    assert "samples must split evenly" in line and "learner.num_ranks=5" in line
+
+
+def test_group_size_one(tmp_path):
+    line = error_line(run_cli(tmp_path, "rollout.group_size=1"))
+    assert "rollout.group_size=1" in line and "at least 2" in line
+
+
+def test_ray_temp_dir_too_long(tmp_path):
+    line = error_line(run_cli(tmp_path, "ray.temp_dir=/tmp/" + "x" * 80))
+    assert "ray.temp_dir" in line and "shorter" in line
 
 
 def test_environment_that_raises_stops_the_run_with_its_error(tmp_path):

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, short_tmp
 
 REQUIRED = ["step", "reward/mean", "timing/rollout_s", "timing/train_s", "timing/sync_s",
             "rollout/tokens_per_s", "mismatch/kl", "policy/version"]
@@ -11,7 +11,7 @@ REQUIRED = ["step", "reward/mean", "timing/rollout_s", "timing/train_s", "timing
 
 def run_cli(tmp_path, *overrides, timeout=1200):
     cmd = [sys.executable, "-m", "rl.train", f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
-           f"ray.temp_dir={tmp_path / 'ray'}", *overrides]
+           f"ray.temp_dir={short_tmp()}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-5000:]
     metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
