@@ -1,8 +1,9 @@
 """copy_digits: the prompt shows a short digit string; the policy must answer with exactly that string.
 
-Designed so a tiny random-init policy learns it within minutes on CPU: rewards are dense (partial
-credit per correct position, a small bonus for answering with digits at all) and the target is in
-the prompt, so copying is all there is to learn.
+Rewards are dense (`reward.string_match.copy_score`): partial credit for digits, for each correct
+position and for the right length, 1.0 only for the exact answer. A tiny random-init policy learns
+the answer format (one digit, then end-of-turn) within minutes on CPU (reward ~0.09 -> ~0.4);
+copying the right digit takes a larger model or many more steps.
 """
 from __future__ import annotations
 
