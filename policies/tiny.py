@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Dict
 
 import torch
 
@@ -16,7 +17,7 @@ from policies.tokenizer import save_tokenizer
 @dataclass
 class TinySpec:
     family: str = "qwen3_5"  # qwen3_5 | qwen3
-    tokenizer: str = "char"  # char | byte
+    tokenizer: str = "char"  # char (small action space, for learning tests) | byte
     hidden_size: int = 64
     intermediate_size: int = 192
     num_hidden_layers: int = 4
@@ -32,7 +33,7 @@ class TinySpec:
     tie_word_embeddings: bool = True
     initializer_range: float = 0.1
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)  # any other config.json fields
 
     def fingerprint(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -7,33 +7,13 @@ from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
-
-@dataclass
-class TinyModelConfig:
-    family: str = "qwen3_5"
-    tokenizer: str = "char"  # char (small action space, for learning tests) | byte
-    hidden_size: int = 64
-    intermediate_size: int = 192
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    linear_num_key_heads: int = 1
-    linear_num_value_heads: int = 2
-    linear_key_head_dim: int = 64
-    linear_value_head_dim: int = 64
-    full_attention_interval: int = 4
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.1
-    seed: int = 0
-    extra: Dict[str, Any] = field(default_factory=dict)
+from policies.tiny import TinySpec
 
 
 @dataclass
 class PolicyConfig:
     path: str = "tiny:default"  # HF folder, hub id (Qwen/Qwen3.5-0.8B) or tiny:<name>
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    tiny: TinySpec = field(default_factory=TinySpec)  # used when path is tiny:<name>
     engine_dtype: str = "auto"  # auto | bfloat16 | float32
 
 

@@ -18,10 +18,10 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_path(cache_dir):
     from policies.build import resolve_policy_path
-    from rl.config import TinyModelConfig
+    from policies.tiny import TinySpec
 
     def build(family: str) -> str:
-        spec = TinyModelConfig(family=family, num_hidden_layers=2 if family == "qwen3" else 4)
+        spec = TinySpec(family=family, num_hidden_layers=2 if family == "qwen3" else 4)
         return resolve_policy_path("tiny:default", asdict(spec), cache_dir)
 
     return build
