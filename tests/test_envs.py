@@ -30,8 +30,11 @@ def test_copy_digits_score():
 
 
 def test_builtin_registered_through_entry_point():
-    envs = available_envs()
-    assert envs["copy_digits"] == "envs.builtin.copy_digits:CopyDigitsEnv"
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="rl.envs")}
+    assert eps["copy_digits"] == "envs.builtin.copy_digits:CopyDigitsEnv"  # installed package metadata
+    assert available_envs()["copy_digits"] == eps["copy_digits"]
 
 
 def test_target_path_and_unknown_name():
