@@ -147,8 +147,3 @@ class VLLMEngine:
         self.generate([[0, 1, 2]], n=1, max_tokens=2)
         return {"dtype": self.dtype, "version": self.version}
 
-
-def make_engine_actor_class(num_cpus: float = 1.0):
-    import ray
-
-    return ray.remote(num_cpus=num_cpus)(VLLMEngine)
