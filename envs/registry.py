@@ -9,6 +9,7 @@ ENTRY_POINT_GROUP = "rl.envs"
 
 BUILTINS = {
     "copy_digits": "envs.builtin.copy_digits:CopyDigitsEnv",
+    "guess_number": "envs.builtin.guess_number:GuessNumberEnv",
 }
 
 

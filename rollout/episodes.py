@@ -36,11 +36,13 @@ class EpisodeRunner:
         out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
-    def _env_turn_ids(self, obs) -> list[int]:
-        """Tokens for an env reply in the middle of an episode: close the policy turn, add the
-        env's messages, open the next assistant turn."""
-        ids = self._prompt_ids(obs)
-        return self.tok.encode("\n", add_special_tokens=False) + ids
+    def _env_turn_ids(self, obs, policy_ids: list[int]) -> list[int]:
+        """Tokens for an env reply in the middle of an episode: close the policy's turn (its EOS
+        if it stopped on its own), then the env's messages and the next assistant header, exactly
+        as the chat template renders them. The policy's own tokens are never re-tokenised."""
+        eos = self.tok.eos_token_id
+        close = [] if policy_ids and policy_ids[-1] == eos else [eos]
+        return close + self.tok.encode("\n", add_special_tokens=False) + self._prompt_ids(obs)
 
     def _generate(self, contexts: list[list[int]], max_tokens: list[int]):
         import ray
@@ -119,7 +121,7 @@ class EpisodeRunner:
                     if r["terminated"] or r["truncated"]:
                         done_now.append(s)
                     elif r["obs"]:
-                        tr.add_env_tokens(self._env_turn_ids(r["obs"]))
+                        tr.add_env_tokens(self._env_turn_ids(r["obs"], tr.response_ids))
                 for s in done_now:
                     trajs[s] = active.pop(s)
                 for s in failed:

@@ -17,13 +17,13 @@ score = copy_score  # the reward function lives in reward/
 
 
 class CopyDigitsEnv(TextEnv):
-    def __init__(self, min_digits: int = 1, max_digits: int = 2, alphabet: str = "0123456789",
+    def __init__(self, min_digits: int = 1, max_digits: int = 2, alphabet: str = "0123456789", prompt: str = "copy {target}",
                  digit_bonus: float = 0.1, length_bonus: float = 0.2):
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"copy_digits needs 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         if not alphabet or not all(c.isdigit() for c in alphabet):
             raise ValueError(f"copy_digits alphabet must be non-empty digits, got {alphabet!r}")
-        self.min_digits, self.max_digits, self.alphabet = min_digits, max_digits, alphabet
+        self.min_digits, self.max_digits, self.alphabet, self.prompt = min_digits, max_digits, alphabet, prompt
         self.digit_bonus, self.length_bonus = digit_bonus, length_bonus
         self.target = ""
 
@@ -32,7 +32,7 @@ class CopyDigitsEnv(TextEnv):
         rng = random.Random(seed)
         n = rng.randint(self.min_digits, self.max_digits)
         self.target = "".join(rng.choice(self.alphabet) for _ in range(n))
-        return [{"role": "user", "content": f"copy {self.target}"}], {"target": self.target}
+        return [{"role": "user", "content": self.prompt.format(target=self.target)}], {"target": self.target}
 
     def step(self, action: str):
         if not isinstance(action, str):
