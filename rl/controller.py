@@ -100,9 +100,7 @@ class Controller:
         B = r.prompts_per_step * r.group_size
         self.learners = [learner_cls.remote(self.policy_path, ls, algo, rank, l.num_ranks, "127.0.0.1", port, B)
                          for rank in range(l.num_ranks)]
-        infos = ray.get([e.ready.remote() for e in self.engines])
-        ray.get([x.get_version.remote() for x in self.learners])
-        self.engine_dtype = infos[0]["dtype"]
+        ray.get([e.ready.remote() for e in self.engines] + [x.get_version.remote() for x in self.learners])
         self.runner = EpisodeRunner(self.env_pool, self.engines, self.tokenizer, RolloutSettings(
             group_size=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
             max_turns=r.max_turns, max_context=r.max_model_len, max_retries=r.max_retries))

@@ -246,12 +246,11 @@ class Learner:
             for n, p in module.named_parameters():
                 yield n, (p.data.detach().to("cpu", copy=True) if self.rank == 0 else None)
 
-    def push_weights(self, engines: list, version: int, bucket_mb: float = 64.0, dtype: str | None = None) -> dict:
+    def push_weights(self, engines: list, version: int, bucket_mb: float = 64.0) -> dict:
         """Stream weights to every engine in buckets of at most `bucket_mb` MiB, then commit.
-        `dtype` (the engines' dtype) is applied on the learner so fewer bytes travel."""
+        Tensors travel in the learner's dtype and vLLM casts them: pre-casting fp32 to bf16 would
+        round parameters the engine keeps in fp32 (e.g. GDN's A_log)."""
         import ray
-
-        cast = getattr(torch, dtype) if dtype else None
 
         t0 = time.perf_counter()
         cap = int(bucket_mb * (1 << 20))
@@ -268,8 +267,6 @@ class Learner:
         for name, t in self.iter_hf_weights():
             if self.rank != 0:
                 continue
-            if cast is not None and t.is_floating_point():
-                t = t.to(cast)
             nbytes = t.numel() * t.element_size()
             if bucket and size + nbytes > cap:
                 flush()

@@ -4,7 +4,8 @@ import pytest
 
 from envs import available_envs, make_env
 from envs.base import EnvContractError, check_reset_output, check_step_output
-from envs.builtin.copy_digits import CopyDigitsEnv, score
+from envs.builtin.copy_digits import CopyDigitsEnv
+from reward.string_match import copy_score as score
 from envs.registry import EnvRegistryError
 from rollout.env_pool import EnvHost
 

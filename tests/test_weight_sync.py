@@ -44,8 +44,8 @@ def diff(ray, eng, learners, seqs, batch):
     return (e - l).abs().max().item()
 
 
-def sync(ray, learners, eng, version, dtype, bucket_mb=64.0):
-    return ray.get([x.push_weights.remote([eng], version, bucket_mb, dtype) for x in learners])[0]
+def sync(ray, learners, eng, version, bucket_mb=64.0):
+    return ray.get([x.push_weights.remote([eng], version, bucket_mb) for x in learners])[0]
 
 
 def test_qwen3_fp32_parity_after_every_sync(ray_cluster, tiny_path):
@@ -61,7 +61,7 @@ def test_qwen3_fp32_parity_after_every_sync(ray_cluster, tiny_path):
     noisy = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.items() if v.dim() == 2}
     ray.get(learners[0].set_weights.remote(noisy))
     assert diff(ray, eng, learners, seqs, batch) > 0.05
-    stats = sync(ray, learners, eng, 1, info["dtype"], bucket_mb=0.05)  # small cap: many buckets
+    stats = sync(ray, learners, eng, 1, bucket_mb=0.05)  # small cap: many buckets
     assert stats["sync/buckets"] > 3
     after = torch.tensor(ray.get(eng.score.remote(seqs)))
     assert (after - before).abs().max().item() > 0.05
@@ -71,7 +71,7 @@ def test_qwen3_fp32_parity_after_every_sync(ray_cluster, tiny_path):
     for v in range(2, 5):  # real updates, then sync: parity right after every sync
         ray.get([x.train.remote(batch) for x in learners])
         assert diff(ray, eng, learners, seqs, batch) > 1e-3
-        sync(ray, learners, eng, v, info["dtype"])
+        sync(ray, learners, eng, v)
         assert diff(ray, eng, learners, seqs, batch) < PARITY_TOL, f"after sync {v}"
 
 
@@ -81,7 +81,7 @@ def test_zero3_two_ranks_sync_is_exact(ray_cluster, tiny_path):
     seqs, batch = probe_batch()
     for v in (1, 2):
         ray.get([x.train.remote(batch) for x in learners])
-        stats = sync(ray, learners, eng, v, info["dtype"], bucket_mb=0.1)
+        stats = sync(ray, learners, eng, v, bucket_mb=0.1)
         assert stats["sync/buckets"] > 1
         assert diff(ray, eng, learners, seqs, batch) < PARITY_TOL
 
@@ -95,7 +95,7 @@ def test_qwen3_5_synced_engine_equals_fresh_engine(ray_cluster, tiny_path, tmp_p
     before = torch.tensor(ray.get(eng.score.remote(seqs)))
     for v in (1, 2):
         ray.get([x.train.remote(batch) for x in learners])
-        sync(ray, learners, eng, v, None)
+        sync(ray, learners, eng, v)
     synced = torch.tensor(ray.get(eng.score.remote(seqs)))
     assert (synced - before).abs().max().item() > 0.05  # the update reached the engine
     export = str(tmp_path / "export")

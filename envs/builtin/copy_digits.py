@@ -13,8 +13,6 @@ from envs.base import TextEnv
 from reward.string_match import copy_score
 
 
-score = copy_score  # the reward function lives in reward/
-
 
 class CopyDigitsEnv(TextEnv):
     def __init__(self, min_digits: int = 1, max_digits: int = 2, alphabet: str = "0123456789", prompt: str = "copy {target}",
@@ -37,5 +35,5 @@ class CopyDigitsEnv(TextEnv):
     def step(self, action: str):
         if not isinstance(action, str):
             raise TypeError(f"copy_digits.step expects the policy's text, got {type(action).__name__}")
-        reward = score(action, self.target, self.digit_bonus, self.length_bonus)
+        reward = copy_score(action, self.target, self.digit_bonus, self.length_bonus)
         return [], reward, True, False, {"target": self.target, "exact": action == self.target}
