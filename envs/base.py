@@ -34,7 +34,9 @@ def _is_obs(obs: Any) -> bool:
 def check_reset_output(env_name: str, out: Any) -> tuple[Any, dict]:
     if not (isinstance(out, tuple) and len(out) == 2):
         raise EnvContractError(
-            f"{env_name}.reset() returned {type(out).__name__}; expected a tuple (obs, info)"
+            f"{env_name}.reset() returned {type(out).__name__}"
+            + (f" of length {len(out)}" if isinstance(out, tuple) else "")
+            + "; expected a tuple (obs, info)"
         )
     obs, info = out
     if not _is_obs(obs):
@@ -65,4 +67,9 @@ def check_step_output(env_name: str, out: Any) -> tuple[Any, float, bool, bool, 
         raise EnvContractError(f"{env_name}.step() returned reward {reward}; expected a finite number")
     if not isinstance(info, dict):
         raise EnvContractError(f"{env_name}.step() returned info of type {type(info).__name__}; expected dict")
+    if not (terminated or truncated) and not _is_obs(obs):
+        raise EnvContractError(
+            f"{env_name}.step() returned obs of type {type(obs).__name__} for an episode that goes on; "
+            "expected str or a list of chat messages like [{'role': 'tool', 'content': '...'}]"
+        )
     return obs, reward, bool(terminated), bool(truncated), info

@@ -10,6 +10,10 @@ ENTRY_POINT_GROUP = "rl.envs"
 BUILTINS = {
     "copy_digits": "envs.builtin.copy_digits:CopyDigitsEnv",
     "guess_number": "envs.builtin.guess_number:GuessNumberEnv",
+    "arithmetic": "envs.builtin.arithmetic:ArithmeticEnv",
+    "countdown": "envs.builtin.countdown:CountdownEnv",
+    "calculator": "envs.builtin.calculator:CalculatorEnv",
+    "code_tests": "envs.builtin.code_tests:CodeTestsEnv",
 }
 
 

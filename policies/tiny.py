@@ -36,7 +36,9 @@ class TinySpec:
     extra: Dict[str, Any] = field(default_factory=dict)  # any other config.json fields
 
     def fingerprint(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        from policies.tokenizer import TOKENIZER_VERSION
+
+        return json.dumps({**asdict(self), "tokenizer_version": TOKENIZER_VERSION}, sort_keys=True)
 
 
 def make_config(spec: TinySpec, vocab_size: int, eos_id: int, pad_id: int):

@@ -22,7 +22,12 @@ class EnvConfig:
     name: Optional[str] = "copy_digits"  # registered name (entry point group `rl.envs`)
     _target_: Optional[str] = None  # or a dotted class path; wins over `name`
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    num_actors: int = 2
+    num_actors: int = 2  # env actors (Ray processes), spread over the cluster's nodes
+    envs_per_actor: int = 1024  # live episodes per actor; num_actors × envs_per_actor bounds concurrency
+    num_cpus_per_actor: float = 0.1
+    placement: str = "SPREAD"  # Ray placement-group strategy for env actors: SPREAD | PACK | STRICT_SPREAD
+    step_timeout_s: float = 30.0  # a reset/step taking longer fails its episode (retried on a fresh env)
+    call_timeout_s: float = 60.0  # an actor not answering a batch within this (+2×step timeout) is replaced
     max_error_frac: float = 0.5  # abort the run when more episodes than this fail after retries
 
 
@@ -37,6 +42,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_turns: int = 1
     max_retries: int = 1
+    max_inflight: int = 4096  # episodes live at once (backpressure on env pool and engines)
+    engine_backend: str = "auto"  # auto (inproc on CPU, async on GPU) | inproc | async
     max_model_len: int = 512
     kv_cache_memory_mb: int = 256
     enforce_eager: bool = True
@@ -85,6 +92,8 @@ class LoggerConfig:
 
 @dataclass
 class RayConfig:
+    # null: join the running cluster if there is one (RAY_ADDRESS or `ray start`), else start a local
+    # one; "local": always start a local one; "auto" or host:port: join that cluster.
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     temp_dir: Optional[str] = None
@@ -108,6 +117,19 @@ class TrainConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    register_plugin_envs(cs)
+
+
+def register_plugin_envs(cs: ConfigStore) -> None:
+    """Make every installed env plugin (entry-point group `rl.envs`) selectable as `env=<name>`,
+    unless `conf/env/<name>.yaml` already exists (then that file, with its kwargs, is used)."""
+    from importlib.metadata import entry_points
+    from importlib.resources import files
+
+    conf_env = files("conf") / "env"
+    for ep in entry_points(group="rl.envs"):
+        if not (conf_env / f"{ep.name}.yaml").is_file():
+            cs.store(group="env", name=ep.name, node={"name": ep.name, "kwargs": {}})
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -28,6 +28,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cluster_address(setting: str | None) -> str | None:
+    """Where to run: None starts a local Ray instance. `ray.address=null` joins the cluster found
+    through RAY_ADDRESS or a previous `ray start` on this machine, if any."""
+    if setting == "local":
+        return None
+    if setting:
+        return setting
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - no cluster found: start a local one
+        return None
+
+
+def info_means(trajs) -> dict[str, float]:
+    """Mean of every numeric `info` value the env reported (e.g. tool_calls), as env/info/<key>."""
+    keys = {k for t in trajs for k, v in t.info.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "exact"}
+    return {f"env/info/{k}": statistics.mean(float(t.info.get(k, 0)) for t in trajs) for k in sorted(keys)}
+
+
 def _as_dataclass(cfg) -> TrainConfig:
     if isinstance(cfg, TrainConfig):
         return cfg
@@ -67,25 +91,35 @@ class Controller:
         env_vars = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
                     "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"),
                     "RAY_DEDUP_LOGS": "1", "TORCHINDUCTOR_CACHE_DIR": str(self._cache_root() / "inductor"), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+        address = cluster_address(cfg.ray.address)
         if not ray.is_initialized():
-            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                     _temp_dir=cfg.ray.temp_dir, runtime_env={"env_vars": env_vars}, log_to_driver=True,
-                     logging_level="WARNING")
+            if address:  # join a running cluster: its nodes bring their own CPUs and temp dirs
+                env_vars = {k: v for k, v in env_vars.items() if k not in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+                ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                         logging_level="WARNING")
+            else:
+                ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                         _temp_dir=cfg.ray.temp_dir, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                         logging_level="WARNING")
             self._owns_ray = True
         else:
             self._owns_ray = False
-        from rollout.engine import EngineConfig, VLLMEngine
+        from rollout.engine import EngineConfig, engine_actor
         from rollout.env_pool import EnvPool
         from rollout.episodes import EpisodeRunner, RolloutSettings
 
-        r = cfg.rollout
-        self.env_pool = EnvPool(cfg.env.name, cfg.env._target_, cfg.env.kwargs, num_actors=cfg.env.num_actors)
-        eng_cls = ray.remote(num_cpus=r.engine_num_cpus)(VLLMEngine)
+        r, e = cfg.rollout, cfg.env
+        self.env_pool = EnvPool(e.name, e._target_, e.kwargs, num_actors=e.num_actors,
+                                envs_per_actor=e.envs_per_actor, num_cpus_per_actor=e.num_cpus_per_actor,
+                                step_timeout_s=e.step_timeout_s, call_timeout_s=e.call_timeout_s,
+                                placement=e.placement)
+        eng_cls = engine_actor(r.engine_num_cpus)
         self.engines = [
             eng_cls.remote(EngineConfig(
                 model=self.policy_path, dtype=cfg.policy.engine_dtype, seed=cfg.seed + i,
                 max_model_len=r.max_model_len, kv_cache_memory_mb=r.kv_cache_memory_mb,
-                enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching, extra=r.extra))
+                enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
+                backend=r.engine_backend, extra=r.extra))
             for i in range(r.num_engines)
         ]
         l, a = cfg.learner, cfg.algorithm
@@ -103,7 +137,8 @@ class Controller:
         ray.get([e.ready.remote() for e in self.engines] + [x.get_version.remote() for x in self.learners])
         self.runner = EpisodeRunner(self.env_pool, self.engines, self.tokenizer, RolloutSettings(
             group_size=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-            max_turns=r.max_turns, max_context=r.max_model_len, max_retries=r.max_retries))
+            max_turns=r.max_turns, max_context=r.max_model_len, max_retries=r.max_retries,
+            max_inflight=r.max_inflight))
         self._started = True
 
     # -- one step -------------------------------------------------------------------------
@@ -119,6 +154,7 @@ class Controller:
         trajs = self.runner.run(self.seeds_for_step(self.step))
         t_rollout = time.perf_counter() - t0
         failed = [t for t in trajs if t.error]
+        self._log_env_errors()
         if len(failed) > cfg.env.max_error_frac * len(trajs):
             raise RunError(
                 f"env {cfg.env.name or cfg.env._target_!r} failed on {len(failed)}/{len(trajs)} episodes "
@@ -128,6 +164,12 @@ class Controller:
         rewards = torch.tensor([t.reward for t in trajs])
         adv = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage](
             rewards, cfg.rollout.group_size, normalize_std=cfg.algorithm.normalize_std)
+        # A group with an episode that failed after all retries is not trained on (its baseline
+        # would be wrong); it is reported in env/failed_groups and env_errors.jsonl.
+        for g in {t.group for t in failed}:
+            adv[g * cfg.rollout.group_size:(g + 1) * cfg.rollout.group_size] = 0.0
+        ok = [t for t in trajs if not t.error] or trajs
+        rewards_ok = torch.tensor([t.reward for t in ok])
         batch = collate(trajs, self.tokenizer.pad_token_id)
         batch["advantages"] = adv
         t1 = time.perf_counter()
@@ -145,10 +187,11 @@ class Controller:
             "step": self.step,
             "policy/version": self.version,
             "rollout/policy_version": max(behaviour_versions) if behaviour_versions else -1,
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()),
-            "reward/max": float(rewards.max()),
-            "reward/exact_frac": statistics.mean(float(t.info.get("exact", 0)) for t in trajs),
+            "reward/mean": float(rewards_ok.mean()),
+            "reward/std": float(rewards_ok.std()) if len(ok) > 1 else 0.0,
+            "reward/max": float(rewards_ok.max()),
+            "reward/exact_frac": statistics.mean(float(t.info.get("exact", 0)) for t in ok),
+            **info_means(ok),
             "response/mean_tokens": statistics.mean(resp_lens),
             "response/stop_frac": statistics.mean(t.finish_reason == "stop" for t in trajs),
             "timing/rollout_s": t_rollout, "timing/train_s": t_train, "timing/sync_s": t_sync,
@@ -157,6 +200,15 @@ class Controller:
         }
         self.step += 1
         return metrics
+
+    def _log_env_errors(self) -> None:
+        """Every env failure of this step (also the retried ones) goes to env_errors.jsonl."""
+        if self.runner.errors:
+            import json
+
+            with open(self.run_dir / "env_errors.jsonl", "a") as f:
+                for err in self.runner.errors:
+                    f.write(json.dumps({"step": self.step, **err}) + "\n")
 
     def close(self) -> None:
         import ray

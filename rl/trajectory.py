@@ -13,7 +13,8 @@ class Trajectory:
     loss_mask: list[int] = field(default_factory=list)  # 1 = sampled by the policy (trained on)
     behaviour_logprobs: list[float] = field(default_factory=list)  # engine logprobs (0 for env tokens)
     versions: list[int] = field(default_factory=list)  # policy version per token (-1 for env tokens)
-    reward: float = 0.0
+    reward: float = 0.0  # episode reward: the sum of turn rewards
+    turn_rewards: list[float] = field(default_factory=list)
     group: int = 0
     seed: int = 0
     finish_reason: str = ""

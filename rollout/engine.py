@@ -1,14 +1,24 @@
-"""Rollout engine: a vLLM `LLM` that samples n completions per prompt with per-token logprobs and
-accepts weight updates in size-capped buckets tagged with a policy version.
+"""Rollout engine: vLLM with continuous batching, one request per episode turn, per-token logprobs
+and policy versions, and weight updates in size-capped buckets.
 
-`VLLMEngine` is a plain class (unit-testable in-process); `EngineActor` is its Ray shell.
+Two backends behind one async interface (`VLLMEngine`, also the Ray actor class):
+- `inproc` (default on CPU): vLLM's `LLMEngine` stepped by one engine thread inside this process.
+  Requests from any number of concurrent episodes join the running batch between steps
+  (continuous batching); the thread sleeps on its queue when idle (no busy-waiting).
+- `async` (default on GPU): vLLM's `AsyncLLM` (engine core in its own process, overlapping
+  scheduling with the forward pass).
 """
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
+import queue
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -28,7 +38,17 @@ class EngineConfig:
     kv_cache_memory_mb: int = 256
     enforce_eager: bool = True
     enable_prefix_caching: bool = False
+    backend: str = "auto"  # auto | inproc | async
     extra: dict = field(default_factory=dict)
+
+
+def _on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def pick_engine_dtype(model_path: str, dtype: str) -> str:
@@ -42,81 +62,193 @@ def pick_engine_dtype(model_path: str, dtype: str) -> str:
     if cfg_file.exists():
         arch = json.loads(cfg_file.read_text()).get("architectures", [])
     is_qwen3_5 = any("Qwen3_5" in a or "Qwen3Next" in a for a in arch)
-    try:
-        import torch
+    return "bfloat16" if is_qwen3_5 or _on_gpu() else "float32"
 
-        on_gpu = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        on_gpu = False
-    if is_qwen3_5 or on_gpu:
-        return "bfloat16"
-    return "float32"
+
+def _sampling_params(max_tokens: int, temperature: float, top_p: float, seed: int | None,
+                     stop_token_ids: list[int] | None, n: int = 1):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+                          seed=seed, stop_token_ids=stop_token_ids, detokenize=False,
+                          output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def _score_params():
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False,
+                          output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+class _InprocBackend:
+    """One thread owns vLLM's `LLMEngine`: it adds queued requests between engine steps and runs
+    control calls (weight loads) only when no request is in flight."""
+
+    def __init__(self, llm_kwargs: dict):
+        self._q: queue.Queue = queue.Queue()
+        self._waiting: dict[str, Future] = {}
+        self._calls: list[tuple[Callable, Future]] = []
+        self._ids = itertools.count()
+        started: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(llm_kwargs, started), daemon=True,
+                                        name="vllm-engine")
+        self._thread.start()
+        started.result()  # re-raises an engine construction error here
+
+    def submit(self, prompt_ids: list[int], params) -> Future:
+        fut: Future = Future()
+        self._q.put(("add", (prompt_ids, params), fut))
+        return fut
+
+    def call(self, fn: Callable) -> Future:
+        """Run fn(llm) on the engine thread once no request is in flight."""
+        fut: Future = Future()
+        self._q.put(("call", fn, fut))
+        return fut
+
+    def _run(self, llm_kwargs: dict, started: Future) -> None:
+        try:
+            from vllm import LLM
+
+            self.llm = LLM(**llm_kwargs)
+            engine = self.llm.llm_engine
+        except BaseException as e:  # noqa: BLE001
+            started.set_exception(e)
+            return
+        started.set_result(True)
+        while True:
+            busy = engine.has_unfinished_requests()
+            try:
+                items = [self._q.get(block=not busy and not self._calls)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, payload, fut in items:
+                if kind == "add":
+                    rid = str(next(self._ids))
+                    try:
+                        engine.add_request(rid, {"prompt_token_ids": payload[0]}, payload[1])
+                        self._waiting[rid] = fut
+                    except Exception as e:  # noqa: BLE001 - e.g. prompt longer than max_model_len
+                        fut.set_exception(e)
+                else:
+                    self._calls.append((payload, fut))
+            if engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        fut = self._waiting.pop(out.request_id, None)
+                        if fut is not None:
+                            fut.set_result(out)
+            elif self._calls:
+                for fn, fut in self._calls:
+                    try:
+                        fut.set_result(fn(self.llm))
+                    except Exception as e:  # noqa: BLE001
+                        fut.set_exception(e)
+                self._calls = []
+
+    async def generate(self, prompt_ids: list[int], params):
+        return await asyncio.wrap_future(self.submit(prompt_ids, params))
+
+    async def collective_rpc(self, method: str, args: tuple):
+        def fn(llm):
+            out = llm.collective_rpc(method, args=args)
+            llm.reset_prefix_cache()
+            return out
+
+        return await asyncio.wrap_future(self.call(fn))
+
+
+class _AsyncLLMBackend:
+    """vLLM's AsyncLLM (engine core in a separate process)."""
+
+    def __init__(self, llm_kwargs: dict):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**llm_kwargs))
+        self._ids = itertools.count()
+
+    async def generate(self, prompt_ids: list[int], params):
+        final = None
+        async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=str(next(self._ids))):
+            final = out
+        return final
+
+    async def collective_rpc(self, method: str, args: tuple):
+        out = await self.llm.collective_rpc(method, args=args)
+        await self.llm.reset_prefix_cache()
+        return out
 
 
 class VLLMEngine:
-    def __init__(self, cfg: EngineConfig):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
+    """All methods are coroutines, so the Ray actor serves thousands of concurrent requests."""
 
+    def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.dtype = pick_engine_dtype(cfg.model, cfg.dtype)
+        self.backend_name = cfg.backend if cfg.backend != "auto" else ("async" if _on_gpu() else "inproc")
+        if self.backend_name not in ("inproc", "async"):
+            raise ValueError(f"rollout.engine_backend={cfg.backend!r}; use auto, inproc or async")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.backend_name == "async" else "0"
         self.version = 0
         self._pending: list[tuple[str, Any]] = []
         self._pending_version: int | None = None
+        self.inflight = 0
         kwargs = dict(
-            model=cfg.model,
-            dtype=self.dtype,
-            seed=cfg.seed,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            worker_extension_cls="rollout.vllm_ext.WeightSyncExtension",
-            disable_log_stats=True,
+            model=cfg.model, dtype=self.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching,
+            worker_extension_cls="rollout.vllm_ext.WeightSyncExtension", disable_log_stats=True,
         )
-        import torch
-
-        if not torch.cuda.is_available():
+        if not _on_gpu():
             kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=cfg.kv_cache_memory_mb << 20)
         kwargs.update(cfg.extra)
-        self.llm = LLM(**kwargs)
+        backend = _AsyncLLMBackend if self.backend_name == "async" else _InprocBackend
+        self.backend = backend(kwargs)
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(
-        self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
-        top_p: float = 1.0, seed: int | None = None, stop_token_ids: list[int] | None = None,
-    ) -> list[list[Completion]]:
-        """For each prompt (token ids), n completions with the logprob of every sampled token."""
-        from vllm import SamplingParams
+    async def generate_one(self, prompt_ids: list[int], max_tokens: int, temperature: float = 1.0,
+                           top_p: float = 1.0, seed: int | None = None,
+                           stop_token_ids: list[int] | None = None) -> Completion:
+        """One completion of `prompt_ids` with the logprob of every sampled token and the policy
+        version that produced it."""
+        version = self.version
+        self.inflight += 1
+        try:
+            out = await self.backend.generate(
+                prompt_ids, _sampling_params(max_tokens, temperature, top_p, seed, stop_token_ids))
+        finally:
+            self.inflight -= 1
+        c = out.outputs[0]
+        ids = list(c.token_ids)
+        lps = [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)]
+        return Completion(ids, lps, c.finish_reason or "stop", version)
 
-        params = SamplingParams(
-            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-            seed=seed, stop_token_ids=stop_token_ids, detokenize=False,
-        )
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        result = []
-        for out in outs:
-            group = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                lps = [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)]
-                group.append(Completion(ids, lps, c.finish_reason or "stop", self.version))
-            result.append(group)
-        return result
+    async def generate(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
+                       top_p: float = 1.0, seed: int | None = None,
+                       stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+        """For each prompt, n completions (all requests join the running batch at once)."""
+        seeds = [None if seed is None else seed + i for i in range(len(prompts) * n)]
+        outs = await asyncio.gather(*[
+            self.generate_one(p, max_tokens, temperature, top_p, seeds[i * n + j], stop_token_ids)
+            for i, p in enumerate(prompts) for j in range(n)])
+        return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+    async def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Teacher-forced logprob of every token after the first (used to probe weight sync)."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
-        scores = []
-        for seq, out in zip(sequences, outs):
-            pl = out.prompt_logprobs
-            scores.append([pl[i][seq[i]].logprob for i in range(1, len(seq))])
-        return scores
+        outs = await asyncio.gather(*[self.backend.generate(s, _score_params()) for s in sequences])
+        return [[out.prompt_logprobs[i][seq[i]].logprob for i in range(1, len(seq))]
+                for seq, out in zip(sequences, outs)]
 
     # -- weight sync --------------------------------------------------------------------------
-    def receive_bucket(self, bucket: list[tuple[str, Any]], version: int) -> int:
+    async def receive_bucket(self, bucket: list[tuple[str, Any]], version: int) -> int:
         """Buffer one bucket of HF-named tensors of policy `version`."""
         if self._pending_version not in (None, version):
             raise RuntimeError(
@@ -127,23 +259,38 @@ class VLLMEngine:
         self._pending.extend(bucket)
         return len(bucket)
 
-    def commit_weights(self, version: int) -> dict:
-        """Load all buffered buckets in place, reset the prefix cache, and adopt `version`."""
+    async def commit_weights(self, version: int) -> dict:
+        """Load all buffered buckets (once in-flight requests finish), reset the prefix cache,
+        and adopt `version`."""
         if self._pending_version != version:
             raise RuntimeError(f"commit of version {version} without its buckets (have {self._pending_version})")
         t0 = time.perf_counter()
         named = self._pending
         self._pending, self._pending_version = [], None
-        loaded = self.llm.collective_rpc("load_hf_weights", args=(named,))
-        self.llm.reset_prefix_cache()
+        loaded = await self.backend.collective_rpc("load_hf_weights", (named,))
         self.version = version
         return {"tensors": loaded[0], "load_s": time.perf_counter() - t0}
 
-    def get_version(self) -> int:
+    async def get_version(self) -> int:
         return self.version
 
-    def ready(self) -> dict:
-        """Warm up (the first request pays one-off kernel setup) and report the engine's dtype."""
-        self.generate([[0, 1, 2]], n=1, max_tokens=2)
-        return {"dtype": self.dtype, "version": self.version}
+    async def ready(self) -> dict:
+        """Warm up (the first request pays one-off kernel setup) and report the engine's setup."""
+        await self.generate([[0, 1, 2]], n=1, max_tokens=2)
+        return {"dtype": self.dtype, "version": self.version, "backend": self.backend_name}
 
+    async def load(self) -> int:
+        """Requests in flight (for load balancing)."""
+        return self.inflight
+
+
+def engine_actor(num_cpus: float, max_concurrency: int = 100_000, **options):
+    """The Ray actor class for VLLMEngine (async: one event loop serves all in-flight requests)."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, max_concurrency=max_concurrency, **options)(VLLMEngine)
+
+
+def run_sync(coro):
+    """Drive an engine coroutine from plain (non-async) code: benchmarks, in-process use."""
+    return asyncio.run(coro)

@@ -1,16 +1,37 @@
-"""Env pool: Ray actors each hosting many environments, driven with batched reset/step calls.
+"""Env pool: Ray actors each hosting many environments, driven by coalesced batch calls.
 
-`EnvHost` is the plain in-process core; `EnvPool` spreads episode slots over `num_actors` Ray
-actors and calls them in parallel. Env exceptions never escape: each result carries either the
-checked output or an error string, and the caller decides to retry on a fresh env.
+`EnvHost` is the plain in-process core (one env instance per live episode, keyed by slot).
+`EnvPool` is the asyncio client: each episode awaits `reset`/`step`; requests for the same actor
+are coalesced into one Ray call while the previous call is in flight, so thousands of episodes
+cost a handful of calls per round and nothing busy-waits. Capacity (`num_actors × envs_per_actor`
+live episodes) is the backpressure: `reset` waits for a free slot.
+
+Failures never escape as exceptions into the training loop: an env that raises or exceeds
+`step_timeout_s` fails only its own episode (`EnvFailure`); an actor that dies or stops answering
+within the call timeout is killed and replaced, and every episode it hosted fails. The episode
+runner retries failed episodes on a fresh env.
 """
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import threading
+import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from envs.base import check_reset_output, check_step_output
 from envs.registry import make_env
+
+
+class EnvFailure(RuntimeError):
+    """One episode's env failed (raised, timed out, or its actor died)."""
+
+
+class _StepTimeout(Exception):
+    pass
 
 
 def _error(e: BaseException, where: str) -> str:
@@ -19,44 +40,84 @@ def _error(e: BaseException, where: str) -> str:
     return f"{where} raised {type(e).__name__}: {e}{loc}"
 
 
-class EnvHost:
-    """Hosts environments keyed by slot id; one env instance per live episode."""
+def plain_info(info: dict) -> dict:
+    """Keep info values that travel cheaply (numbers, strings, bools) plus `tools` (JSON schemas)."""
+    out = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+    if isinstance(info.get("tools"), list):
+        out["tools"] = info["tools"]
+    return out
 
-    def __init__(self, name: str | None, target: str | None, kwargs: dict | None):
+
+class EnvHost:
+    """Hosts environments keyed by slot id. `run_batch` executes a list of operations:
+    ("reset", slot, seed) | ("step", slot, action) | ("close", slot, None) and returns, per op,
+    (True, payload) or (False, error message)."""
+
+    def __init__(self, name: str | None, target: str | None, kwargs: dict | None, step_timeout_s: float = 0.0):
         self.name, self.target, self.kwargs = name, target, dict(kwargs or {})
         self.label = name or target
+        self.step_timeout_s = step_timeout_s
         make_env(name, target, self.kwargs)  # fail fast (in the actor) on import/kwargs errors
         self.envs: dict[int, Any] = {}
+        # A hanging env is interrupted by SIGALRM where possible (main thread); the pool's call
+        # timeout (actor replaced) is the backstop for hangs signals cannot interrupt.
+        self._alarm = step_timeout_s > 0 and threading.current_thread() is threading.main_thread()
+        if self._alarm:
+            signal.signal(signal.SIGALRM, self._on_alarm)
 
-    def reset_batch(self, requests: list[tuple[int, int]]) -> list[dict]:
-        """requests: (slot, seed). A fresh env instance is made for each reset."""
-        out = []
-        for slot, seed in requests:
-            try:
-                env = make_env(self.name, self.target, self.kwargs)
-                self.envs[slot] = env
-                obs, info = check_reset_output(self.label, env.reset(seed=seed))
-                out.append({"obs": obs, "info": _plain(info)})
-            except Exception as e:  # noqa: BLE001
-                self.envs.pop(slot, None)
-                out.append({"error": _error(e, f"{self.label}.reset(seed={seed})")})
-        return out
+    @staticmethod
+    def _on_alarm(signum, frame):
+        raise _StepTimeout()
 
-    def step_batch(self, requests: list[tuple[int, str]]) -> list[dict]:
+    def _timed(self, fn, *args):
+        if not self._alarm:
+            return fn(*args)
+        signal.setitimer(signal.ITIMER_REAL, self.step_timeout_s)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def run_batch(self, ops: list[tuple[str, int, Any]]) -> list[tuple[bool, Any]]:
         out = []
-        for slot, action in requests:
-            env = self.envs.get(slot)
-            if env is None:
-                out.append({"error": f"{self.label}: slot {slot} has no live env (reset failed or was never called)"})
-                continue
-            try:
-                obs, reward, term, trunc, info = check_step_output(self.label, env.step(action))
-                out.append({"obs": obs, "reward": reward, "terminated": term, "truncated": trunc, "info": _plain(info)})
-            except Exception as e:  # noqa: BLE001
-                out.append({"error": _error(e, f"{self.label}.step()")})
-            if out[-1].get("terminated") or out[-1].get("truncated") or "error" in out[-1]:
+        for op, slot, arg in ops:
+            if op == "reset":
+                out.append(self._reset(slot, arg))
+            elif op == "step":
+                out.append(self._step(slot, arg))
+            else:
                 self.close_slot(slot)
+                out.append((True, None))
         return out
+
+    def _reset(self, slot: int, seed: int) -> tuple[bool, Any]:
+        try:
+            env = make_env(self.name, self.target, self.kwargs)
+            self.envs[slot] = env
+            obs, info = check_reset_output(self.label, self._timed(env.reset, seed))
+            return True, (obs, plain_info(info))
+        except _StepTimeout:
+            self.close_slot(slot)
+            return False, f"{self.label}.reset(seed={seed}) timed out after {self.step_timeout_s}s (env.step_timeout_s)"
+        except Exception as e:  # noqa: BLE001
+            self.close_slot(slot)
+            return False, _error(e, f"{self.label}.reset(seed={seed})")
+
+    def _step(self, slot: int, action: str) -> tuple[bool, Any]:
+        env = self.envs.get(slot)
+        if env is None:
+            return False, f"{self.label}: slot {slot} has no live env (reset failed or was never called)"
+        try:
+            obs, reward, term, trunc, info = check_step_output(self.label, self._timed(env.step, action))
+        except _StepTimeout:
+            self.close_slot(slot)
+            return False, f"{self.label}.step() timed out after {self.step_timeout_s}s (env.step_timeout_s)"
+        except Exception as e:  # noqa: BLE001
+            self.close_slot(slot)
+            return False, _error(e, f"{self.label}.step()")
+        if term or trunc:
+            self.close_slot(slot)
+        return True, (obs, reward, term, trunc, plain_info(info))
 
     def close_slot(self, slot: int) -> None:
         env = self.envs.pop(slot, None)
@@ -66,53 +127,213 @@ class EnvHost:
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
 
-    def num_live(self) -> int:
-        return len(self.envs)
+    def describe(self) -> dict:
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "live": len(self.envs),
+                "signal_timeouts": self._alarm}
+
+    def memory_rss_bytes(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _plain(info: dict) -> dict:
-    """Keep info values that travel cheaply (numbers, strings, bools)."""
-    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+@dataclass
+class EnvHandle:
+    """A live episode's env: which actor lane, which slot, and the lane generation it lives in."""
+    lane: int
+    slot: int
+    generation: int
+
+
+class _Lane:
+    """One env actor plus its queue of pending ops."""
+
+    def __init__(self, actor, bundle: int | None):
+        self.actor, self.bundle = actor, bundle
+        self.pending: list[tuple[tuple, asyncio.Future]] = []
+        self.inflight = 0
+        self.live = 0
+        self.generation = 0
+        self.flush_scheduled = False
 
 
 class EnvPool:
-    """Slots are spread round-robin over `num_actors` Ray actors."""
+    """Asyncio client over `num_actors` EnvHost actors (see the module docstring)."""
 
     def __init__(self, name: str | None, target: str | None, kwargs: dict | None, num_actors: int = 2,
-                 num_cpus_per_actor: float = 0.1):
+                 envs_per_actor: int = 1024, num_cpus_per_actor: float = 0.1, step_timeout_s: float = 30.0,
+                 call_timeout_s: float = 60.0, max_inflight_calls: int = 2, placement: str = "SPREAD",
+                 actor_options: dict | None = None):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.spec = (name, target, dict(kwargs or {}), step_timeout_s)
+        self.label = name or target
+        self.envs_per_actor = envs_per_actor
+        self.step_timeout_s, self.call_timeout_s = step_timeout_s, call_timeout_s
+        self.max_inflight_calls = max_inflight_calls
+        self.num_cpus_per_actor = num_cpus_per_actor
+        self.actor_options = dict(actor_options or {})
+        self.stats = {"actor_restarts": 0, "calls": 0, "ops": 0}
+        self.pg = None
+        if placement and num_cpus_per_actor > 0:
+            self.pg = placement_group([{"CPU": num_cpus_per_actor}] * num_actors, strategy=placement)
+            ray.get(self.pg.ready())
+        self.lanes = [_Lane(self._new_actor(i), i if self.pg else None) for i in range(num_actors)]
+        self._next_slot = 0
+        self._capacity: asyncio.Semaphore | None = None
+        # Surface plugin import/kwargs errors here, with the plugin's own message.
+        ray.get([lane.actor.describe.remote() for lane in self.lanes])
+
+    def _new_actor(self, index: int):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts = dict(num_cpus=self.num_cpus_per_actor, max_restarts=0, **self.actor_options)
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=index)
+        return ray.remote(**opts)(EnvHost).remote(*self.spec)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.lanes) * self.envs_per_actor
+
+    def _sem(self) -> asyncio.Semaphore:
+        if self._capacity is None:  # created inside the running loop
+            self._capacity = asyncio.Semaphore(self.capacity)
+        return self._capacity
+
+    # -- episode-facing API ------------------------------------------------------------------
+    async def reset(self, seed: int) -> tuple[EnvHandle, Any, dict]:
+        """A fresh env on the least-loaded actor; waits while the pool is at capacity."""
+        await self._sem().acquire()
+        i = min(range(len(self.lanes)), key=lambda k: self.lanes[k].live)
+        lane = self.lanes[i]
+        slot = self._next_slot
+        self._next_slot += 1
+        handle = EnvHandle(i, slot, lane.generation)
+        lane.live += 1
+        try:
+            obs, info = await self._submit(handle, ("reset", slot, seed))
+        except EnvFailure:
+            self._release(handle)
+            raise
+        return handle, obs, info
+
+    async def step(self, handle: EnvHandle, action: str) -> tuple[Any, float, bool, bool, dict]:
+        try:
+            out = await self._submit(handle, ("step", handle.slot, action))
+        except EnvFailure:
+            self._release(handle)
+            raise
+        if out[2] or out[3]:
+            self._release(handle)
+        return out
+
+    def close(self, handle: EnvHandle) -> None:
+        """Give up an episode early (e.g. it ran out of turns or context)."""
+        lane = self.lanes[handle.lane]
+        if handle.generation == lane.generation:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: f.exception())  # nobody awaits a close
+            lane.pending.append((("close", handle.slot, None), fut))
+            self._schedule(handle.lane)
+        self._release(handle)
+
+    def _release(self, handle: EnvHandle) -> None:
+        if handle.slot < 0:
+            return
+        lane = self.lanes[handle.lane]
+        if handle.generation == lane.generation:
+            lane.live -= 1
+        handle.slot = -1
+        self._sem().release()
+
+    # -- batching --------------------------------------------------------------------------------
+    async def _submit(self, handle: EnvHandle, op: tuple):
+        lane = self.lanes[handle.lane]
+        if handle.generation != lane.generation:
+            raise EnvFailure(f"{self.label}: env actor {handle.lane} was replaced; this episode's env is gone")
+        fut = asyncio.get_running_loop().create_future()
+        lane.pending.append((op, fut))
+        self._schedule(handle.lane)
+        return await fut
+
+    def _schedule(self, i: int) -> None:
+        lane = self.lanes[i]
+        if lane.pending and not lane.flush_scheduled and lane.inflight < self.max_inflight_calls:
+            lane.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush(i)))
+
+    async def _flush(self, i: int) -> None:
+        lane = self.lanes[i]
+        lane.flush_scheduled = False
+        batch, lane.pending = lane.pending, []
+        if not batch:
+            return
+        lane.inflight += 1
+        generation = lane.generation
+        self.stats["calls"] += 1
+        self.stats["ops"] += len(batch)
+        timeout = self.call_timeout_s + self.step_timeout_s * 2 + 0.01 * len(batch)
+        try:
+            results = await asyncio.wait_for(lane.actor.run_batch.remote([op for op, _ in batch]), timeout)
+        except Exception as e:  # noqa: BLE001 - actor died, hung past the timeout, or the call failed
+            why = (f"did not answer within {timeout:.0f}s (env.step_timeout_s/env.call_timeout_s)"
+                   if isinstance(e, asyncio.TimeoutError) else f"failed: {type(e).__name__}: {str(e)[:300]}")
+            if lane.generation == generation:
+                self._replace(i, f"env actor {i} {why}")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(EnvFailure(f"{self.label}: env actor {i} {why}; its episodes are retried"))
+            results = None
+        finally:
+            lane.inflight -= 1
+        if results is not None:
+            for (_, fut), (ok, payload) in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(payload) if ok else fut.set_exception(EnvFailure(payload))
+        self._schedule(i)
+
+    def _replace(self, i: int, why: str) -> None:
+        """Kill a dead or hung actor and start a fresh one in its place; its live envs are gone."""
         import ray
 
-        actor_cls = ray.remote(num_cpus=num_cpus_per_actor, max_restarts=0)(EnvHost)
-        self.actors = [actor_cls.remote(name, target, kwargs) for _ in range(num_actors)]
-        # Surface plugin import errors here, with the plugin's own message.
-        ray.get([a.num_live.remote() for a in self.actors])
+        lane = self.lanes[i]
+        try:
+            ray.kill(lane.actor, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+        lane.generation += 1
+        lane.live = 0
+        lane.actor = self._new_actor(i)
+        self.stats["actor_restarts"] += 1
+        self.last_restart_reason = why
 
-    def _call(self, method: str, requests: list[tuple[int, Any]]) -> list[dict]:
+    # -- introspection -------------------------------------------------------------------------
+    def describe(self) -> list[dict]:
         import ray
 
-        per_actor: list[list[int]] = [[] for _ in self.actors]
-        for i, (slot, _) in enumerate(requests):
-            per_actor[slot % len(self.actors)].append(i)
-        refs = [
-            getattr(a, method).remote([requests[i] for i in idx]) if idx else None
-            for a, idx in zip(self.actors, per_actor)
-        ]
-        results: list[dict | None] = [None] * len(requests)
-        for ref, idx in zip(refs, per_actor):
-            if ref is None:
-                continue
-            for i, r in zip(idx, ray.get(ref)):
-                results[i] = r
-        return results  # type: ignore[return-value]
+        return ray.get([lane.actor.describe.remote() for lane in self.lanes])
 
-    def reset(self, requests: list[tuple[int, int]]) -> list[dict]:
-        return self._call("reset_batch", requests)
+    def memory_rss_bytes(self) -> list[int]:
+        import ray
 
-    def step(self, requests: list[tuple[int, str]]) -> list[dict]:
-        return self._call("step_batch", requests)
+        return ray.get([lane.actor.memory_rss_bytes.remote() for lane in self.lanes])
 
     def shutdown(self) -> None:
         import ray
+        from ray.util.placement_group import remove_placement_group
 
-        for a in self.actors:
-            ray.kill(a)
+        for lane in self.lanes:
+            try:
+                ray.kill(lane.actor)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass

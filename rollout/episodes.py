@@ -1,153 +1,174 @@
-"""Episode runner: drives episodes between env pool and engine(s), keeping exact token bookkeeping.
+"""Episode runner: thousands of concurrent episodes between the env pool and the engine(s), with
+exact token bookkeeping.
 
-Each episode: reset -> chat template -> token ids -> engine samples a turn (with logprobs and
-policy version) -> decode -> env.step -> (multi-turn: env reply tokens appended, masked) -> ...
-GRPO groups are `group_size` episodes reset with the same seed. Failed episodes are retried on a
-fresh env up to `max_retries`; if still failing they are returned with `error` set (reward 0,
-nothing trained on) and counted, never dropped.
+Each episode is one coroutine: reset -> chat template (with the env's `tools`) -> token ids ->
+engine samples a turn (logprobs + policy version) -> decode -> env.step -> if the episode goes on,
+the env's messages are rendered by the chat template and appended as masked tokens -> ... until
+terminated/truncated, `max_turns`, or `max_context`. The policy's sampled ids are never
+re-tokenised. Episodes wait on futures (engine requests join vLLM's running batch; env requests
+are coalesced per actor), so nothing busy-waits; `max_inflight` bounds live episodes.
+
+GRPO groups are `group_size` episodes reset with the same seed. A failed episode (env raised,
+timed out, or its actor died) is retried from reset on a fresh env up to `max_retries` times; if
+it still fails it is returned with `error` set (never dropped) and its group is reported.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 from rl.trajectory import Trajectory
+from rollout.env_pool import EnvFailure, EnvPool
 
 
 @dataclass
 class RolloutSettings:
     group_size: int = 8
-    max_tokens: int = 16
+    max_tokens: int = 16  # per turn
     temperature: float = 1.0
     top_p: float = 1.0
     max_turns: int = 1
-    max_context: int = 1024
+    max_context: int = 1024  # prompt + all turns, in tokens
     max_retries: int = 1
+    max_inflight: int = 4096  # live episodes at once (backpressure)
+
+
+class EngineClient:
+    """Sends each request to the engine with the fewest requests in flight."""
+
+    def __init__(self, engines: list):
+        self.engines = engines
+        self.inflight = [0] * len(engines)
+
+    async def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float):
+        i = min(range(len(self.engines)), key=self.inflight.__getitem__)
+        self.inflight[i] += 1
+        try:
+            return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p)
+        finally:
+            self.inflight[i] -= 1
+
+
+class ChatRenderer:
+    """Token ids for prompts and for env replies in the middle of an episode, as the tokenizer's
+    own chat template renders them."""
+
+    _BASE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self._newline = tokenizer.encode("\n", add_special_tokens=False)
+
+    @staticmethod
+    def as_messages(obs) -> list[dict]:
+        return [{"role": "user", "content": obs}] if isinstance(obs, str) else list(obs)
+
+    def prompt_ids(self, obs, tools: list | None = None) -> list[int]:
+        out = self.tok.apply_chat_template(self.as_messages(obs), tools=tools or None,
+                                           add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def env_turn_ids(self, obs, policy_ids: list[int]) -> list[int]:
+        """Close the policy's turn (its EOS if it did not stop on its own), then the env's messages
+        and the next assistant header. The template is rendered after a stand-in conversation and
+        only the suffix is kept, so role-dependent rendering (e.g. grouped tool responses) is right."""
+        eos = self.tok.eos_token_id
+        close = [] if policy_ids and policy_ids[-1] == eos else [eos]
+        before = self.tok.apply_chat_template(self._BASE, tokenize=False)
+        after = self.tok.apply_chat_template(self._BASE + self.as_messages(obs), add_generation_prompt=True,
+                                             tokenize=False)
+        if not after.startswith(before):
+            raise ValueError("the chat template renders earlier turns differently once env messages follow; "
+                             "cannot append env turns without re-tokenising")
+        suffix = after[len(before):]
+        return close + self._newline + self.tok.encode(suffix.lstrip("\n"), add_special_tokens=False)
 
 
 class EpisodeRunner:
-    def __init__(self, env_pool, engines: list, tokenizer, settings: RolloutSettings):
-        self.pool, self.engines, self.tok, self.s = env_pool, engines, tokenizer, settings
+    def __init__(self, env_pool: EnvPool, engines: list, tokenizer, settings: RolloutSettings):
+        self.pool, self.tok, self.s = env_pool, tokenizer, settings
+        self.engine = EngineClient(engines)
+        self.render = ChatRenderer(tokenizer)
         self.stats: dict[str, float] = {}
+        self.errors: list[dict] = []  # every env failure of the last run (episode slot, attempt, message)
+        self._loop = asyncio.new_event_loop()
 
-    # -- token helpers --------------------------------------------------------------------
-    def _prompt_ids(self, obs) -> list[int]:
-        messages = [{"role": "user", "content": obs}] if isinstance(obs, str) else obs
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-
-    def _env_turn_ids(self, obs, policy_ids: list[int]) -> list[int]:
-        """Tokens for an env reply in the middle of an episode: close the policy's turn (its EOS
-        if it stopped on its own), then the env's messages and the next assistant header, exactly
-        as the chat template renders them. The policy's own tokens are never re-tokenised."""
-        eos = self.tok.eos_token_id
-        close = [] if policy_ids and policy_ids[-1] == eos else [eos]
-        return close + self.tok.encode("\n", add_special_tokens=False) + self._prompt_ids(obs)
-
-    def _generate(self, contexts: list[list[int]], max_tokens: list[int]):
-        import ray
-
-        n_eng = len(self.engines)
-        buckets = [list(range(i, len(contexts), n_eng)) for i in range(n_eng)]
-        refs = []
-        for eng, idx in zip(self.engines, buckets):
-            if not idx:
-                refs.append(None)
-                continue
-            mt = max(max_tokens[i] for i in idx)
-            refs.append(eng.generate.remote([contexts[i] for i in idx], 1, mt, self.s.temperature, self.s.top_p))
-        out = [None] * len(contexts)
-        for ref, idx in zip(refs, buckets):
-            if ref is None:
-                continue
-            for i, group in zip(idx, ray.get(ref)):
-                c = group[0]
-                if len(c.token_ids) > max_tokens[i]:  # per-episode context limit
-                    c.token_ids, c.logprobs, c.finish_reason = c.token_ids[: max_tokens[i]], c.logprobs[: max_tokens[i]], "length"
-                out[i] = c
-        return out
-
-    # -- episodes -------------------------------------------------------------------------
     def run(self, seeds: list[int]) -> list[Trajectory]:
-        """One batch: len(seeds) groups × group_size episodes."""
+        """One batch: len(seeds) groups × group_size episodes, run concurrently."""
+        return self._loop.run_until_complete(self.run_async(seeds))
+
+    async def run_async(self, seeds: list[int]) -> list[Trajectory]:
         t0 = time.perf_counter()
         G = self.s.group_size
-        slots = list(range(len(seeds) * G))
-        seed_of = [seeds[s // G] for s in slots]
-        trajs: dict[int, Trajectory] = {}
-        errors = retries = 0
-        pending = list(slots)
-        attempts = {s: 0 for s in slots}
-        gen_tokens = 0
-        t_gen = 0.0
-        while pending:
-            # reset
-            resets = self.pool.reset([(s, seed_of[s]) for s in pending])
-            active: dict[int, Trajectory] = {}
-            failed: dict[int, str] = {}
-            for s, r in zip(pending, resets):
-                if "error" in r:
-                    failed[s] = r["error"]
-                    continue
-                ids = self._prompt_ids(r["obs"])
-                active[s] = Trajectory(prompt_ids=ids, group=s // G, seed=seed_of[s], info=r["info"])
-            turn = 0
-            while active and turn < self.s.max_turns:
-                order = list(active)
-                ctx_len = [len(active[s].prompt_ids) + len(active[s].response_ids) for s in order]
-                room = [min(self.s.max_tokens, self.s.max_context - n) for n in ctx_len]
-                for s, r in zip(order, room):
-                    if r <= 0:
-                        active[s].finish_reason = "context"
-                ok = [(s, r) for s, r in zip(order, room) if r > 0]
-                tg = time.perf_counter()
-                comps = self._generate([active[s].prompt_ids + active[s].response_ids for s, _ in ok], [r for _, r in ok])
-                t_gen += time.perf_counter() - tg
-                for (s, _), c in zip(ok, comps):
-                    active[s].add_policy_tokens(list(c.token_ids), list(c.logprobs), c.version)
-                    active[s].finish_reason = c.finish_reason
-                    gen_tokens += len(c.token_ids)
-                acts = [(s, self.tok.decode(c.token_ids, skip_special_tokens=True)) for (s, _), c in zip(ok, comps)]
-                steps = self.pool.step(acts) if acts else []
-                done_now = [s for s in order if active[s].finish_reason == "context"]
-                for (s, _), r in zip(acts, steps):
-                    tr = active[s]
-                    tr.turns += 1
-                    if "error" in r:
-                        failed[s] = r["error"]
-                        continue
-                    tr.reward += r["reward"]
-                    tr.info.update(r["info"])
-                    if r["terminated"] or r["truncated"]:
-                        done_now.append(s)
-                    elif r["obs"]:
-                        tr.add_env_tokens(self._env_turn_ids(r["obs"], tr.response_ids))
-                for s in done_now:
-                    trajs[s] = active.pop(s)
-                for s in failed:
-                    active.pop(s, None)
-                turn += 1
-            for s, tr in active.items():  # ran out of turns
-                tr.finish_reason = tr.finish_reason or "max_turns"
-                trajs[s] = tr
-            pending = []
-            for s, err in failed.items():
-                errors += 1
-                attempts[s] += 1
-                if attempts[s] <= self.s.max_retries:
-                    retries += 1
-                    pending.append(s)
-                else:
-                    trajs[s] = Trajectory(prompt_ids=self._fallback_prompt(), group=s // G, seed=seed_of[s],
-                                          error=err, finish_reason="error")
+        self._counts = {"errors": 0, "retries": 0, "gen_tokens": 0, "gen_s": 0.0, "live": 0, "max_live": 0}
+        self.errors = []
+        limit = asyncio.Semaphore(self.s.max_inflight)
+        trajs = await asyncio.gather(*[self._episode(slot, seeds[slot // G], slot // G, limit)
+                                       for slot in range(len(seeds) * G)])
         wall = time.perf_counter() - t0
+        c = self._counts
+        failed_groups = {t.group for t in trajs if t.error}
+        per_turn = [r for t in trajs if not t.error for r in t.turn_rewards]
         self.stats = {
-            "env/errors": errors, "env/retries": retries,
-            "env/failed_episodes": sum(t.error is not None for t in trajs.values()),
-            "rollout/generated_tokens": gen_tokens, "rollout/generate_s": t_gen,
-            "rollout/tokens_per_s": gen_tokens / max(t_gen, 1e-9), "rollout/wall_s": wall,
+            "env/errors": c["errors"], "env/retries": c["retries"],
+            "env/failed_episodes": sum(t.error is not None for t in trajs), "env/failed_groups": len(failed_groups),
+            "env/actor_restarts": self.pool.stats["actor_restarts"], "rollout/max_live_episodes": c["max_live"],
+            "rollout/generated_tokens": c["gen_tokens"], "rollout/tokens_per_s": c["gen_tokens"] / max(wall, 1e-9),
+            "rollout/wall_s": wall, "episode/turns_mean": sum(t.turns for t in trajs) / len(trajs),
+            "reward/turn_mean": sum(per_turn) / len(per_turn) if per_turn else 0.0,
         }
-        return [trajs[s] for s in slots]
+        return trajs
 
-    def _fallback_prompt(self) -> list[int]:
-        return self._prompt_ids("")
+    async def _episode(self, slot: int, seed: int, group: int, limit: asyncio.Semaphore) -> Trajectory:
+        last_error = ""
+        for attempt in range(self.s.max_retries + 1):
+            if attempt:
+                self._counts["retries"] += 1
+            async with limit:
+                self._counts["live"] += 1
+                self._counts["max_live"] = max(self._counts["max_live"], self._counts["live"])
+                try:
+                    return await self._play(seed, group)
+                except EnvFailure as e:
+                    last_error = str(e)
+                    self._counts["errors"] += 1
+                    self.errors.append({"slot": slot, "group": group, "seed": seed, "attempt": attempt,
+                                        "error": last_error})
+                finally:
+                    self._counts["live"] -= 1
+        return Trajectory(prompt_ids=self.render.prompt_ids(""), group=group, seed=seed, error=last_error,
+                          finish_reason="error")
+
+    async def _play(self, seed: int, group: int) -> Trajectory:
+        s = self.s
+        handle, obs, info = await self.pool.reset(seed)
+        tools = info.pop("tools", None)
+        tr = Trajectory(prompt_ids=self.render.prompt_ids(obs, tools), group=group, seed=seed, info=info)
+        while True:
+            room = min(s.max_tokens, s.max_context - len(tr.prompt_ids) - len(tr.response_ids))
+            if room <= 0:
+                tr.finish_reason = "context"
+                break
+            if tr.turns >= s.max_turns:
+                tr.finish_reason = tr.finish_reason or "max_turns"
+                break
+            tg = time.perf_counter()
+            c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p)
+            self._counts["gen_s"] += time.perf_counter() - tg
+            self._counts["gen_tokens"] += len(c.token_ids)
+            tr.add_policy_tokens(list(c.token_ids), list(c.logprobs), c.version)
+            tr.finish_reason = c.finish_reason
+            action = self.tok.decode(c.token_ids, skip_special_tokens=True)
+            obs, reward, terminated, truncated, step_info = await self.pool.step(handle, action)
+            tr.turns += 1
+            tr.reward += reward
+            tr.turn_rewards.append(reward)
+            step_info.pop("tools", None)
+            tr.info.update(step_info)
+            if terminated or truncated:
+                return tr
+            if obs:
+                tr.add_env_tokens(self.render.env_turn_ids(obs, tr.response_ids))
+        self.pool.close(handle)  # ran out of turns or context: the env is given back unfinished
+        return tr

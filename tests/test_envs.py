@@ -68,9 +68,9 @@ class RaisingEnv(CopyDigitsEnv):
 
 def test_env_host_turns_exceptions_into_counted_errors():
     host = EnvHost(None, "tests.test_envs:RaisingEnv", {})
-    r = host.reset_batch([(0, 1), (1, 2)])
-    assert all("obs" in x for x in r) and host.num_live() == 2
-    out = host.step_batch([(0, "1"), (5, "1")])
-    assert "RuntimeError: boom" in out[0]["error"] and "step()" in out[0]["error"]
-    assert "no live env" in out[1]["error"]
-    assert host.num_live() == 1  # the failed env was closed
+    r = host.run_batch([("reset", 0, 1), ("reset", 1, 2)])
+    assert all(ok for ok, _ in r) and len(host.envs) == 2
+    out = host.run_batch([("step", 0, "1"), ("step", 5, "1")])
+    assert out[0][0] is False and "RuntimeError: boom" in out[0][1] and "step()" in out[0][1]
+    assert out[1][0] is False and "no live env" in out[1][1]
+    assert len(host.envs) == 1  # the failed env was closed
