@@ -88,7 +88,7 @@ class ToolEnv(TextEnv):
     `score_answer(text) -> (reward, info)`.
 
     Per turn: tool calls -> the env runs them and replies with `tool` messages (reward
-    `call_reward` per well-formed call, once per turn); no tool call -> the final answer is scored
+    `call_reward` for a turn whose calls were all well-formed and ran without error); no tool call -> the final answer is scored
     and the episode ends. After `max_tool_turns` tool turns the episode is truncated."""
 
     tools: dict[str, Callable[..., str]] = {}
@@ -136,8 +136,10 @@ class ToolEnv(TextEnv):
         self.tool_turns += 1
         self.stats["tool_calls"] += len(parsed.calls)
         self.stats["tool_errors"] += len(parsed.errors)
+        errors_before = self.stats["tool_errors"]
         replies = [{"role": "tool", "content": self.run_tool(c)} for c in parsed.calls]
         replies += [{"role": "tool", "content": f"error: {e}"} for e in parsed.errors]
-        reward = self.call_reward if parsed.calls and not parsed.errors else 0.0
+        clean = parsed.calls and not parsed.errors and self.stats["tool_errors"] == errors_before
+        reward = self.call_reward if clean else 0.0
         truncated = self.tool_turns >= self.max_tool_turns
         return replies, reward, False, truncated, {**self.stats, "tool_turns": self.tool_turns}

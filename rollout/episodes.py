@@ -111,7 +111,7 @@ class EpisodeRunner:
         failed_groups = {t.group for t in trajs if t.error}
         per_turn = [r for t in trajs if not t.error for r in t.turn_rewards]
         self.stats = {
-            "env/errors": c["errors"], "env/retries": c["retries"],
+            "rollout/episodes": len(trajs), "env/errors": c["errors"], "env/retries": c["retries"],
             "env/failed_episodes": sum(t.error is not None for t in trajs), "env/failed_groups": len(failed_groups),
             "env/actor_restarts": self.pool.stats["actor_restarts"], "rollout/max_live_episodes": c["max_live"],
             "rollout/generated_tokens": c["gen_tokens"], "rollout/tokens_per_s": c["gen_tokens"] / max(wall, 1e-9),
