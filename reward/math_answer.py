@@ -11,7 +11,8 @@ Runs in any thread. math_verify's own timeouts use `signal.alarm`, which raises 
 so there they are switched off and instead the answer is screened before sympy sees it: at most
 `max_answer_chars` characters, no factorials, at most two powers with short exponents and only
 common LaTeX commands. Such answers verify in about a second at worst (`9^9^9` would never finish).
-On the main thread math_verify's 5 s alarm is kept as well.
+On the main thread math_verify's 5 s alarm is kept as well, unless a SIGALRM timer is already
+armed (the env actor's own step timeout), which math_verify's alarm would silently cancel.
 """
 from __future__ import annotations
 
@@ -136,6 +137,13 @@ def _as_latex(answer: str) -> str:
     return answer if "$" in answer else f"${answer}$"
 
 
+def _alarm_is_free() -> bool:
+    import signal
+
+    return (threading.current_thread() is threading.main_thread()
+            and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+
+
 def math_reward(response: str, gold: str, format_bonus: float = 0.0, numeric_only: bool = False,
                 max_answer_chars: int = 100) -> tuple[float, dict]:
     """(reward, info): 1.0 if the extracted answer equals `gold` by math_verify, else 0.0.
@@ -156,7 +164,7 @@ def math_reward(response: str, gold: str, format_bonus: float = 0.0, numeric_onl
     problem = unsafe_to_verify(answer, max_answer_chars)
     if problem:
         return bonus, {**info, "reason": f"not verified: {problem}"}
-    timeout = MAIN_THREAD_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    timeout = MAIN_THREAD_TIMEOUT_S if _alarm_is_free() else None
     gold_parsed = parse(_as_latex(str(gold)), parsing_timeout=timeout)
     answer_parsed = parse(_as_latex(answer), parsing_timeout=timeout)
     if not gold_parsed:

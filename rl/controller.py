@@ -28,6 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rendezvous() -> tuple[str, int]:
+    """(IP, free port) of the node this runs on: where learner rank 0 hosts torch.distributed."""
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
 def cluster_address(setting: str | None) -> str | None:
     """Where to run: None starts a local Ray instance. `ray.address=null` joins the cluster found
     through RAY_ADDRESS or a previous `ray start` on this machine, if any."""
@@ -40,9 +49,19 @@ def cluster_address(setting: str | None) -> str | None:
     try:
         from ray._private.services import canonicalize_bootstrap_address
 
-        return canonicalize_bootstrap_address(None)
+        found = canonicalize_bootstrap_address(None)
     except Exception:  # noqa: BLE001 - no cluster found: start a local one
         return None
+    return found if found and _reachable(found) else None  # a stale address file is ignored
+
+
+def _reachable(address: str, timeout_s: float = 2.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def info_means(trajs) -> dict[str, float]:
@@ -109,10 +128,13 @@ class Controller:
         from rollout.episodes import EpisodeRunner, RolloutSettings
 
         r, e = cfg.rollout, cfg.env
-        self.env_pool = EnvPool(e.name, e._target_, e.kwargs, num_actors=e.num_actors,
-                                envs_per_actor=e.envs_per_actor, num_cpus_per_actor=e.num_cpus_per_actor,
-                                step_timeout_s=e.step_timeout_s, call_timeout_s=e.call_timeout_s,
-                                placement=e.placement)
+        try:
+            self.env_pool = EnvPool(e.name, e._target_, e.kwargs, num_actors=e.num_actors,
+                                    envs_per_actor=e.envs_per_actor, num_cpus_per_actor=e.num_cpus_per_actor,
+                                    step_timeout_s=e.step_timeout_s, call_timeout_s=e.call_timeout_s,
+                                    placement=e.placement)
+        except TimeoutError as err:
+            raise RunError(str(err)) from err
         eng_cls = engine_actor(r.engine_num_cpus)
         self.engines = [
             eng_cls.remote(EngineConfig(
@@ -129,10 +151,22 @@ class Controller:
                              num_threads=l.num_threads, seed=cfg.seed, ds_extra=l.ds_extra)
         algo = AlgoSettings(policy_loss=a.policy_loss, clip_low=a.clip_low, clip_high=a.clip_high,
                             kl_coef=a.kl_coef, kl_estimator=a.kl_estimator)
-        port = free_port()
+        # torch.distributed rendezvous on rank 0's node, with a port free there: 127.0.0.1 and a
+        # driver-side port are wrong once the ranks (or the driver) sit on different nodes.
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.learner_pg = placement_group([{"CPU": max(l.num_cpus_per_rank, 0.01)}] * l.num_ranks, strategy="PACK")
+        ray.get(self.learner_pg.ready())
+
+        def bundle(i):
+            return PlacementGroupSchedulingStrategy(placement_group=self.learner_pg, placement_group_bundle_index=i)
+
+        addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=bundle(0)).remote())
         learner_cls = ray.remote(num_cpus=l.num_cpus_per_rank)(Learner)
         B = r.prompts_per_step * r.group_size
-        self.learners = [learner_cls.remote(self.policy_path, ls, algo, rank, l.num_ranks, "127.0.0.1", port, B)
+        self.learners = [learner_cls.options(scheduling_strategy=bundle(rank)).remote(
+                             self.policy_path, ls, algo, rank, l.num_ranks, addr, port, B)
                          for rank in range(l.num_ranks)]
         ray.get([e.ready.remote() for e in self.engines] + [x.get_version.remote() for x in self.learners])
         self.runner = EpisodeRunner(self.env_pool, self.engines, self.tokenizer, RolloutSettings(
@@ -220,6 +254,13 @@ class Controller:
                 except Exception:  # noqa: BLE001
                     pass
             self.env_pool.shutdown()
+            if getattr(self, "learner_pg", None) is not None:
+                from ray.util.placement_group import remove_placement_group
+
+                try:
+                    remove_placement_group(self.learner_pg)
+                except Exception:  # noqa: BLE001
+                    pass
         if getattr(self, "_owns_ray", False):
             ray.shutdown()
 

@@ -183,9 +183,34 @@ class _AsyncLLMBackend:
         return final
 
     async def collective_rpc(self, method: str, args: tuple):
+        if method == "load_hf_weights":
+            # Tensors cannot travel through vLLM's engine-core -> worker RPC (it cannot pickle the
+            # zero-copy buffers it decodes), so they go through a file in shared memory.
+            # TODO(issue 5): NCCL / CUDA-IPC transfer on GPUs.
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            with tempfile.NamedTemporaryFile(suffix=".safetensors", dir=shm) as f:
+                save_file(_unshared(args[0]), f.name)
+                out = await self.llm.collective_rpc("load_hf_weights_from_file", args=(f.name,))
+            await self.llm.reset_prefix_cache()
+            return out
         out = await self.llm.collective_rpc(method, args=args)
         await self.llm.reset_prefix_cache()
         return out
+
+
+def _unshared(named: list) -> dict:
+    """safetensors refuses tensors sharing memory (e.g. tied embeddings): copy repeats."""
+    out, seen = {}, set()
+    for n, t in named:
+        t = t.contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[n] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
 
 
 class VLLMEngine:

@@ -167,9 +167,9 @@ class EnvPool:
     def __init__(self, name: str | None, target: str | None, kwargs: dict | None, num_actors: int = 2,
                  envs_per_actor: int = 1024, num_cpus_per_actor: float = 0.1, step_timeout_s: float = 30.0,
                  call_timeout_s: float = 60.0, max_inflight_calls: int = 2, placement: str = "SPREAD",
-                 actor_options: dict | None = None):
+                 actor_options: dict | None = None, placement_timeout_s: float = 120.0):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
 
         self.spec = (name, target, dict(kwargs or {}), step_timeout_s)
         self.label = name or target
@@ -182,7 +182,16 @@ class EnvPool:
         self.pg = None
         if placement and num_cpus_per_actor > 0:
             self.pg = placement_group([{"CPU": num_cpus_per_actor}] * num_actors, strategy=placement)
-            ray.get(self.pg.ready())
+            try:
+                ray.get(self.pg.ready(), timeout=placement_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(self.pg)
+                raise TimeoutError(
+                    f"{num_actors} env actors x {num_cpus_per_actor} CPU could not be placed with "
+                    f"env.placement={placement} within {placement_timeout_s:.0f}s (cluster: "
+                    f"{len([n for n in ray.nodes() if n['Alive']])} nodes, {ray.available_resources().get('CPU', 0)} "
+                    "CPUs free). STRICT_SPREAD needs a node per actor; lower env.num_actors or "
+                    "env.num_cpus_per_actor, use env.placement=SPREAD, or add nodes") from None
         self.lanes = [_Lane(self._new_actor(i), i if self.pg else None) for i in range(num_actors)]
         self._next_slot = 0
         self._capacity: asyncio.Semaphore | None = None

@@ -35,6 +35,13 @@ class WeightSyncExtension:
         self._refresh_tied_lm_head()
         return len(named_tensors)
 
+    def load_hf_weights_from_file(self, path: str) -> int:
+        """Same, from a safetensors file (for engines whose workers run in other processes:
+        vLLM's RPC path cannot pickle tensors it received zero-copy)."""
+        from safetensors.torch import load_file
+
+        return self.load_hf_weights(load_file(path).items())
+
     def _refresh_tied_lm_head(self) -> None:
         """With tied embeddings no `lm_head.*` weight is loaded, so a layerwise reload leaves the LM
         head's processed kernel (on CPU: a prepacked copy of the *old* embedding) stale. Re-tie it
