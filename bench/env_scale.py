@@ -12,7 +12,12 @@ low=high=0, so the first guess ends it) run through the pool at 2x its capacity,
 pool knobs (actors x max_inflight_calls), a CPU-time split (driver / env actors / Ray system
 processes), the actor-side per-op cost measured in-process, and a cProfile of the driver.
 
-    .venv/bin/python bench/env_scale.py        # writes bench/results/env_scale.{json,md}  (~2-3 min)
+The driver's cyclic GC is a knob here: with 10^4 live coroutines Python's default thresholds
+(700,10,10) spend about half the driver's CPU per step in GC, so the main run raises them
+(`--driver-gc-threshold`, default 100000,50,1000) and the same pool is then replayed with Python's
+defaults; both are reported.
+
+    .venv/bin/python bench/env_scale.py        # writes bench/results/env_scale.{json,md}  (~2 min)
 """
 from __future__ import annotations
 
@@ -448,6 +453,24 @@ def projection(main: dict, cores_here: int, node_cores: int, node_gib: float, me
     }
 
 
+def start_ray(ray, attempts: int = 3) -> int:
+    """ray.init as tests/conftest.py does. On a loaded machine the raylet can abort at startup when the
+    dashboard agent takes longer than its hard-coded 15 s to write its port file (ray-project/ray#65983),
+    so a failed start is retried in a fresh temp dir."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=2, _temp_dir=tempfile.mkdtemp(prefix="qr", dir="/tmp"), include_dashboard=False,
+                     logging_level="WARNING",
+                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+            return attempt
+        except Exception as e:  # noqa: BLE001
+            print(f"ray.init failed (attempt {attempt}/{attempts}): {type(e).__name__}: {str(e)[:200]}", flush=True)
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+    return attempts
+
+
 async def main_async(args) -> dict:
     import ray
 
@@ -460,9 +483,7 @@ async def main_async(args) -> dict:
     res["actor_side_inprocess"] = actor_side_inprocess(kwargs, args.episodes)
     print(json.dumps(res["inprocess"]), json.dumps(res["actor_side_inprocess"]), sep="\n", flush=True)
 
-    tmp = tempfile.mkdtemp(prefix="qr", dir="/tmp")
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    res["ray_init_attempts"] = start_ray(ray)
     try:
         print("naive: one Ray call per op ...", flush=True)
         res["naive"] = await run_naive(kwargs, args.naive_episodes, args.actors)
