@@ -1,6 +1,7 @@
 """Environment registry: Python entry points (group `rl.envs`), built-ins, or a dotted `_target_` path."""
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib.metadata import entry_points
 from typing import Any
@@ -22,10 +23,13 @@ class EnvRegistryError(LookupError):
 
 
 def available_envs() -> dict[str, str]:
-    found = dict(BUILTINS)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.value
-    return found
+    return {**BUILTINS, **_plugin_envs()}
+
+
+@functools.lru_cache(maxsize=1)
+def _plugin_envs() -> dict[str, str]:
+    """Installed plugins (scanning entry points costs ~10 ms, so once per process)."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def _import_target(target: str, what: str):

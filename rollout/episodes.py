@@ -15,6 +15,7 @@ it still fails it is returned with `error` set (never dropped) and its group is 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from dataclasses import dataclass
 
@@ -95,8 +96,15 @@ class EpisodeRunner:
         self._loop = asyncio.new_event_loop()
 
     def run(self, seeds: list[int]) -> list[Trajectory]:
-        """One batch: len(seeds) groups × group_size episodes, run concurrently."""
-        return self._loop.run_until_complete(self.run_async(seeds))
+        """One batch: len(seeds) groups × group_size episodes, run concurrently. With thousands of
+        live coroutines Python's default GC thresholds rescan the heap constantly (about half the
+        driver's time per env step in bench/env_scale.py), so they are raised while it runs."""
+        thresholds = gc.get_threshold()
+        gc.set_threshold(100_000, 50, 1000)
+        try:
+            return self._loop.run_until_complete(self.run_async(seeds))
+        finally:
+            gc.set_threshold(*thresholds)
 
     async def run_async(self, seeds: list[int]) -> list[Trajectory]:
         t0 = time.perf_counter()
