@@ -50,8 +50,9 @@ def test_two_learner_ranks_zero3(tmp_path):
 
 def test_flaky_env_is_retried_and_counted(tmp_path):
     _, metrics = run_cli(tmp_path, "steps=1", "logger=console", "env._target_=tests.helpers.bad_envs:FlakyEnv",
-                         "rollout.prompts_per_step=8", "rollout.max_retries=3")
+                         "rollout.prompts_per_step=8", "rollout.max_retries=12")
     m = metrics[0]
-    # 64 episodes on 2 env actors: every 5th env instance per actor raises -> >= 10 errors, each retried
-    assert m["env/errors"] >= 10 and m["env/retries"] == m["env/errors"]
+    # 64 episodes, one env instance in five raises (~16 errors expected; < 3 has probability ~1e-4);
+    # with 12 retries an episode fails for good with probability 0.2**13: every error is retried
+    assert m["env/errors"] >= 3 and m["env/retries"] == m["env/errors"]
     assert m["env/failed_episodes"] == 0 and m["train/policy_tokens"] > 0

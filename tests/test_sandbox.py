@@ -174,8 +174,11 @@ def test_reward_hacks_do_not_pay():
     assert run_python_tests(add + "import os\nos._exit(0)\n", ADD_TESTS, FAST).reward == 0.0
     always_equal = "class Any:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Any()\n"
     assert run_python_tests(always_equal, ["assert same(add(1, 2), 3)"], FAST).reward == 0.0
-    forged = add + "import os\nfor fd in range(3, 20):\n    try:\n        os.write(fd, b'RESULT x 4 4 ok\\n')\n" \
-                   "    except OSError:\n        pass\n"
+    # a wrong solution that forges a passing result line on every descriptor the channel could be
+    # (its number is inherited from the host process, so it depends on how many files the host has open)
+    wrong_add = "def add(a, b):\n    return a - b\n"
+    forged = wrong_add + "import os\nfor fd in range(3, 1024):\n    try:\n        os.write(fd, b'RESULT x 4 4 ok\\n')\n" \
+                         "    except OSError:\n        pass\n"
     result = run_python_tests(forged, ADD_TESTS, FAST)
     assert result.reward == 0.0 and result.reason.startswith("blocked: tampering"), result
     rewrite_tests = "import gc\nfor o in gc.get_objects():\n    if isinstance(o, list) and 'assert add(1, 2) == 3' in o:\n" \

@@ -8,14 +8,13 @@ class AlwaysRaisesEnv(CopyDigitsEnv):
 
 
 class FlakyEnv(CopyDigitsEnv):
-    """Every 5th env instance made in a process raises in step(); a retry gets a fresh instance."""
-
-    made = 0
+    """One env instance in five (at random) raises in step(); a retry gets a fresh instance."""
 
     def __init__(self, **kw):
+        import random
+
         super().__init__(**kw)
-        FlakyEnv.made += 1
-        self.broken = FlakyEnv.made % 5 == 0
+        self.broken = random.random() < 0.2
 
     def step(self, action):
         if self.broken:
