@@ -72,12 +72,12 @@ class EnvHost:
     def _on_alarm(signum, frame):
         raise _StepTimeout()
 
-    def _timed(self, fn, *args):
+    def _timed(self, fn):
         if not self._alarm:
-            return fn(*args)
+            return fn()
         signal.setitimer(signal.ITIMER_REAL, self.step_timeout_s)
         try:
-            return fn(*args)
+            return fn()
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -93,31 +93,34 @@ class EnvHost:
                 out.append((True, None))
         return out
 
-    def _reset(self, slot: int, seed: int) -> tuple[bool, Any]:
+    def _guarded(self, slot: int, where: str, call):
+        """Run one env call under the step timeout; on a timeout or exception the slot's env is
+        dropped and (False, message naming the env call) returned."""
         try:
-            env = self._cls(**self.kwargs)
-            self.envs[slot] = env
-            obs, info = check_reset_output(self.label, self._timed(env.reset, seed))
-            return True, (obs, plain_info(info))
+            return True, self._timed(call)
         except _StepTimeout:
             self.close_slot(slot)
-            return False, f"{self.label}.reset(seed={seed}) timed out after {self.step_timeout_s}s (env.step_timeout_s)"
+            return False, f"{self.label}.{where} timed out after {self.step_timeout_s}s (env.step_timeout_s)"
         except Exception as e:  # noqa: BLE001
             self.close_slot(slot)
-            return False, _error(e, f"{self.label}.reset(seed={seed})")
+            return False, _error(e, f"{self.label}.{where}")
+
+    def _reset(self, slot: int, seed: int) -> tuple[bool, Any]:
+        def reset():
+            env = self.envs[slot] = self._cls(**self.kwargs)
+            return check_reset_output(self.label, env.reset(seed=seed))
+
+        ok, out = self._guarded(slot, f"reset(seed={seed})", reset)
+        return (True, (out[0], plain_info(out[1]))) if ok else (False, out)
 
     def _step(self, slot: int, action: str) -> tuple[bool, Any]:
         env = self.envs.get(slot)
         if env is None:
             return False, f"{self.label}: slot {slot} has no live env (reset failed or was never called)"
-        try:
-            obs, reward, term, trunc, info = check_step_output(self.label, self._timed(env.step, action))
-        except _StepTimeout:
-            self.close_slot(slot)
-            return False, f"{self.label}.step() timed out after {self.step_timeout_s}s (env.step_timeout_s)"
-        except Exception as e:  # noqa: BLE001
-            self.close_slot(slot)
-            return False, _error(e, f"{self.label}.step()")
+        ok, out = self._guarded(slot, "step()", lambda: check_step_output(self.label, env.step(action)))
+        if not ok:
+            return False, out
+        obs, reward, term, trunc, info = out
         if term or trunc:
             self.close_slot(slot)
         return True, (obs, reward, term, trunc, plain_info(info))

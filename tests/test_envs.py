@@ -74,3 +74,16 @@ def test_env_host_turns_exceptions_into_counted_errors():
     assert out[0][0] is False and "RuntimeError: boom" in out[0][1] and "step()" in out[0][1]
     assert out[1][0] is False and "no live env" in out[1][1]
     assert len(host.envs) == 1  # the failed env was closed
+
+
+class KeywordOnlyResetEnv(CopyDigitsEnv):
+    """gymnasium's own signature: reset(*, seed=None, options=None)."""
+
+    def reset(self, *, seed=None, options=None):
+        return super().reset(seed=seed, options=options)
+
+
+def test_env_host_calls_reset_with_keyword_seed():
+    host = EnvHost(None, "tests.test_envs:KeywordOnlyResetEnv", {})
+    (ok, (obs, info)), = host.run_batch([("reset", 0, 7)])
+    assert ok and info["target"] == CopyDigitsEnv().reset(seed=7)[1]["target"]
