@@ -55,11 +55,10 @@ class ChatRenderer:
     """Token ids for prompts and for env replies in the middle of an episode, as the tokenizer's
     own chat template renders them."""
 
-    _BASE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    _SENTINEL = "qrl-turn-boundary"
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        self._newline = tokenizer.encode("\n", add_special_tokens=False)
 
     @staticmethod
     def as_messages(obs) -> list[dict]:
@@ -72,18 +71,20 @@ class ChatRenderer:
 
     def env_turn_ids(self, obs, policy_ids: list[int]) -> list[int]:
         """Close the policy's turn (its EOS if it did not stop on its own), then the env's messages
-        and the next assistant header. The template is rendered after a stand-in conversation and
-        only the suffix is kept, so role-dependent rendering (e.g. grouped tool responses) is right."""
-        eos = self.tok.eos_token_id
-        close = [] if policy_ids and policy_ids[-1] == eos else [eos]
-        before = self.tok.apply_chat_template(self._BASE, tokenize=False)
-        after = self.tok.apply_chat_template(self._BASE + self.as_messages(obs), add_generation_prompt=True,
-                                             tokenize=False)
-        if not after.startswith(before):
-            raise ValueError("the chat template renders earlier turns differently once env messages follow; "
-                             "cannot append env turns without re-tokenising")
-        suffix = after[len(before):]
-        return close + self._newline + self.tok.encode(suffix.lstrip("\n"), add_special_tokens=False)
+        and the next assistant header. The template renders them after a stand-in conversation and
+        only what follows the stand-in assistant turn is kept: role-dependent rendering (grouped
+        tool responses, Qwen3.5 dropping <think> from turns before the last user query) cannot
+        leak in, and the policy's own tokens are never re-rendered or re-tokenised."""
+        eos = self.tok.eos_token
+        close = [] if policy_ids and policy_ids[-1] == self.tok.eos_token_id else [self.tok.eos_token_id]
+        base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": self._SENTINEL}]
+        text = self.tok.apply_chat_template(base + self.as_messages(obs), add_generation_prompt=True,
+                                            tokenize=False)
+        rest = text[text.rindex(self._SENTINEL) + len(self._SENTINEL):]
+        if not rest.startswith(eos):
+            raise ValueError(f"the chat template does not end an assistant turn with the EOS token {eos!r}; "
+                             "cannot append env turns to the policy's sampled tokens")
+        return close + self.tok.encode(rest[len(eos):], add_special_tokens=False)
 
 
 class EpisodeRunner:

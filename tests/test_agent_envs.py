@@ -97,3 +97,23 @@ def test_code_sandbox_env_trains_end_to_end(tmp_path):
     for m in metrics:
         assert m["env/failed_episodes"] == 0 and m["rollout/episodes"] == 16
         assert 0.0 <= m["reward/mean"] <= 1.0 and "env/info/total" in m and m["env/info/total"] > 0
+
+
+def test_env_turns_with_a_template_that_rerenders_earlier_turns():
+    """Qwen3.5's template renders an assistant turn with an empty <think> block only after the last
+    user query, so a user-role env reply changes how the earlier turn would be rendered. Env turn
+    tokens must still be exactly what the template puts after the policy's turn."""
+    tok = build_char_tokenizer()
+    tok.chat_template = (
+        "{%- set ns = namespace(last=-1) -%}"
+        "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'assistant' and loop.index0 > ns.last -%}"
+        "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' -}}"
+        "{%- else -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    r = ChatRenderer(tok)
+    policy = tok.encode("5", add_special_tokens=False)  # cut off before its EOS
+    ids = r.env_turn_ids([{"role": "user", "content": "higher."}], policy)
+    assert tok.decode(ids) == "<|im_end|>\n<|im_start|>user\nhigher.<|im_end|>\n<|im_start|>assistant\n"
