@@ -71,6 +71,12 @@ def parse_tool_calls(text: str) -> ParsedTurn:
     return ParsedTurn(calls, errors, _CALL.sub("", text).strip())
 
 
+def strip_reasoning(text: str) -> str:
+    """The answer part of a turn: what follows Qwen3.5's `</think>` (tool calls and answers inside
+    the reasoning do not count)."""
+    return text.rsplit("</think>", 1)[-1].strip() if "</think>" in text else text
+
+
 def function_schema(name: str, description: str, parameters: dict[str, tuple[str, str]],
                     required: list[str] | None = None) -> dict:
     """An OpenAI-style tool schema (what chat templates render for `tools=`).
@@ -129,7 +135,7 @@ class ToolEnv(TextEnv):
     def step(self, action: str):
         if not isinstance(action, str):
             raise TypeError(f"{type(self).__name__}.step expects the policy's text, got {type(action).__name__}")
-        parsed = parse_tool_calls(action)
+        parsed = parse_tool_calls(strip_reasoning(action))
         if not parsed.calls and not parsed.errors:
             reward, info = self.score_answer(parsed.text)
             return [], reward, True, False, {**info, **self.stats, "tool_turns": self.tool_turns}

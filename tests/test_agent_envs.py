@@ -41,7 +41,7 @@ def test_calculator_env_tool_turn_then_answer():
     replies, r, term, trunc, step_info = env.step(XML_CALL.format(expr=expr))
     assert replies == [{"role": "tool", "content": gold}] and r == pytest.approx(0.1) and not (term or trunc)
     assert step_info["tool_calls"] == 1
-    _, r, term, _, step_info = env.step(f"the answer is {gold}")
+    _, r, term, _, step_info = env.step(f"<think>\nmaybe 12345? or {XML_CALL.format(expr='1+1')}\n</think>\n\nthe answer is {gold}")
     assert term and r == 1.0 and step_info["exact"] and step_info["tool_turns"] == 1
 
 
