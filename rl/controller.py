@@ -191,7 +191,7 @@ class Controller:
         self._log_env_errors()
         if len(failed) > cfg.env.max_error_frac * len(trajs):
             raise RunError(
-                f"env {cfg.env.name or cfg.env._target_!r} failed on {len(failed)}/{len(trajs)} episodes "
+                f"env {cfg.env._target_ or cfg.env.name!r} failed on {len(failed)}/{len(trajs)} episodes "
                 f"after {cfg.rollout.max_retries} retries; first error: {failed[0].error}. "
                 "Fix the environment (or raise env.max_error_frac to tolerate failures)"
             )

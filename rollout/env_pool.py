@@ -55,7 +55,7 @@ class EnvHost:
 
     def __init__(self, name: str | None, target: str | None, kwargs: dict | None, step_timeout_s: float = 0.0):
         self.name, self.target, self.kwargs = name, target, dict(kwargs or {})
-        self.label = name or target
+        self.label = target or name
         self.step_timeout_s = step_timeout_s
         make_env(name, target, self.kwargs)  # fail fast (in the actor) on import/kwargs errors
         # Resolve the class once: `make_env` scans every installed package's entry points (~7 ms
@@ -161,6 +161,7 @@ class _Lane:
         self.inflight = 0
         self.live = 0
         self.generation = 0
+        self.replaced_because = ""
         self.flush_scheduled = False
 
 
@@ -175,7 +176,7 @@ class EnvPool:
         from ray.util.placement_group import placement_group, remove_placement_group
 
         self.spec = (name, target, dict(kwargs or {}), step_timeout_s)
-        self.label = name or target
+        self.label = target or name
         self.envs_per_actor = envs_per_actor
         self.step_timeout_s, self.call_timeout_s = step_timeout_s, call_timeout_s
         self.max_inflight_calls = max_inflight_calls
@@ -299,7 +300,9 @@ class EnvPool:
             why = (f"did not answer within {timeout:.0f}s (env.step_timeout_s/env.call_timeout_s)"
                    if isinstance(e, asyncio.TimeoutError) else f"failed: {type(e).__name__}: {str(e)[:300]}")
             if lane.generation == generation:
-                self._replace(i, f"env actor {i} {why}")
+                self._replace(i, why)
+            else:  # this call went to the actor that was already killed and replaced
+                why = f"was replaced after it {lane.replaced_because}"
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(EnvFailure(f"{self.label}: env actor {i} {why}; its episodes are retried"))
@@ -323,9 +326,15 @@ class EnvPool:
             pass
         lane.generation += 1
         lane.live = 0
+        lane.replaced_because = why
         lane.actor = self._new_actor(i)
         self.stats["actor_restarts"] += 1
-        self.last_restart_reason = why
+        # ops queued for the old actor refer to envs that are gone
+        stale, lane.pending = lane.pending, []
+        for _, fut in stale:
+            if not fut.done():
+                fut.set_exception(EnvFailure(f"{self.label}: env actor {i} was replaced after it {why}; "
+                                             "its episodes are retried"))
 
     # -- introspection -------------------------------------------------------------------------
     def describe(self) -> list[dict]:
