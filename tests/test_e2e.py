@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, cli_env, short_tmp
 
 REQUIRED = ["step", "reward/mean", "timing/rollout_s", "timing/train_s", "timing/sync_s",
@@ -33,9 +35,12 @@ def test_default_config_runs_and_reports(tmp_path):
     assert (tmp_path / "run" / "wandb").is_dir()  # offline W&B run inside the run folder
 
 
-def test_qwen3_fp32_engine_matches_learner_every_step(tmp_path):
-    """With fp32 on both sides, the engine's sampling logprobs equal the learner's right after each sync."""
-    _, metrics = run_cli(tmp_path, "steps=3", "logger=console", "policy=tiny_qwen3")
+@pytest.mark.parametrize("backend", ["inproc", "async"])
+def test_qwen3_fp32_engine_matches_learner_every_step(tmp_path, backend):
+    """With fp32 on both sides, the engine's sampling logprobs equal the learner's right after each
+    sync, for both engine backends (in-process engine thread; vLLM AsyncLLM in its own processes)."""
+    _, metrics = run_cli(tmp_path, "steps=3", "logger=console", "policy=tiny_qwen3",
+                         f"rollout.engine_backend={backend}")
     for m in metrics:
         assert m["mismatch/max_abs_logprob_diff"] < 1e-4, m
         assert m["policy/version"] == m["step"] + 1
