@@ -92,6 +92,7 @@ class _InprocBackend:
         self._waiting: dict[str, Future] = {}
         self._calls: list[tuple[Callable, Future]] = []
         self._ids = itertools.count()
+        self._dead: BaseException | None = None
         started: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(llm_kwargs, started), daemon=True,
                                         name="vllm-engine")
@@ -99,14 +100,18 @@ class _InprocBackend:
         started.result()  # re-raises an engine construction error here
 
     def submit(self, prompt_ids: list[int], params) -> Future:
-        fut: Future = Future()
-        self._q.put(("add", (prompt_ids, params), fut))
-        return fut
+        return self._put("add", (prompt_ids, params))
 
     def call(self, fn: Callable) -> Future:
         """Run fn(llm) on the engine thread once no request is in flight."""
+        return self._put("call", fn)
+
+    def _put(self, kind: str, payload) -> Future:
         fut: Future = Future()
-        self._q.put(("call", fn, fut))
+        if self._dead is not None:
+            fut.set_exception(RuntimeError(f"the vLLM engine thread stopped: {self._dead!r}"))
+        else:
+            self._q.put((kind, payload, fut))
         return fut
 
     def _run(self, llm_kwargs: dict, started: Future) -> None:
@@ -119,6 +124,17 @@ class _InprocBackend:
             started.set_exception(e)
             return
         started.set_result(True)
+        try:
+            self._serve(engine)
+        except BaseException as e:  # noqa: BLE001 - the engine is gone: fail everything, now and later
+            self._dead = e
+            for fut in list(self._waiting.values()) + [f for _, f in self._calls]:
+                if not fut.done():
+                    fut.set_exception(e)
+            while not self._q.empty():
+                self._q.get_nowait()[2].set_exception(e)
+
+    def _serve(self, engine) -> None:
         while True:
             busy = engine.has_unfinished_requests()
             try:
@@ -141,7 +157,16 @@ class _InprocBackend:
                 else:
                     self._calls.append((payload, fut))
             if engine.has_unfinished_requests():
-                for out in engine.step():
+                try:
+                    outs = engine.step()
+                except Exception as e:  # noqa: BLE001 - fail the requests in flight, never hang them
+                    for fut in self._waiting.values():
+                        fut.set_exception(e)
+                    self._waiting.clear()
+                    if self._abort_all(engine):
+                        continue
+                    raise
+                for out in outs:
                     if out.finished:
                         fut = self._waiting.pop(out.request_id, None)
                         if fut is not None:
@@ -153,6 +178,16 @@ class _InprocBackend:
                     except Exception as e:  # noqa: BLE001
                         fut.set_exception(e)
                 self._calls = []
+
+    @staticmethod
+    def _abort_all(engine) -> bool:
+        """After a failed step, drop the engine's requests so it can serve new ones."""
+        try:
+            ids = list(engine.output_processor.request_states)
+            engine.abort_request(ids)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
 
     async def generate(self, prompt_ids: list[int], params):
         return await asyncio.wrap_future(self.submit(prompt_ids, params))

@@ -29,6 +29,10 @@ def test_backends_agree_and_serve_concurrent_requests(ray_cluster, qwen3_5):
         # 300 concurrent requests, each its own Ray call: they share the engine's running batch
         outs = ray.get([eng.generate_one.remote(p, 6, 1.0, 1.0, i) for i, p in enumerate(prompts)])
         assert len(outs) == 300 and all(1 <= len(c.token_ids) == len(c.logprobs) <= 6 for c in outs)
+        # a request the engine rejects fails at once (it never hangs), and the engine keeps serving
+        with pytest.raises(Exception, match="(?i)length|context|too long|exceed"):
+            ray.get(eng.generate_one.remote([1] * 5000, 4), timeout=120)
+        assert len(ray.get(eng.generate_one.remote(prompts[0], 3), timeout=120).token_ids) >= 1
         # a weight commit (the checkpoint's own tensors) is adopted and leaves the model unchanged
         before = ray.get(eng.score.remote([p + c.token_ids for p, c in zip(prompts[:8], outs[:8])]))
         sd = load_file(f"{qwen3_5}/model.safetensors")
