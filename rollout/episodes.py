@@ -154,6 +154,11 @@ class EpisodeRunner:
         handle, obs, info = await self.pool.reset(seed)
         tools = info.pop("tools", None)
         tr = Trajectory(prompt_ids=self.render.prompt_ids(obs, tools), group=group, seed=seed, info=info)
+        if len(tr.prompt_ids) >= s.max_context:
+            self.pool.close(handle)
+            raise ValueError(f"the env's first prompt is {len(tr.prompt_ids)} tokens (seed {seed}), which leaves no "
+                             f"room to answer within rollout.max_model_len={s.max_context}; raise "
+                             "rollout.max_model_len or shorten the prompt")
         while True:
             room = min(s.max_tokens, s.max_context - len(tr.prompt_ids) - len(tr.response_ids))
             if room <= 0:

@@ -65,3 +65,12 @@ def test_environment_that_raises_stops_the_run_with_its_error(tmp_path):
     line = error_line(proc)
     assert "failed on 32/32 episodes after 1 retries" in line
     assert "RuntimeError: reward service unavailable" in line and "Fix the environment" in line
+
+
+def test_prompt_longer_than_the_context(tmp_path):
+    """The calculator's tool prompt does not fit the default 512-token context: a clear error, not
+    silently empty episodes."""
+    proc = run_cli(tmp_path, "env=calculator", "steps=1", "rollout.prompts_per_step=4",
+                   "learner.micro_batch_size=32")
+    line = error_line(proc)
+    assert "leaves no room to answer within rollout.max_model_len=512" in line and "raise rollout.max_model_len" in line
