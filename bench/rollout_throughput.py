@@ -74,16 +74,16 @@ def prompts_for(tok, n: int, seed: int = 0) -> list[list[int]]:
 
 
 def bench_vllm(folder: Path, prompts, max_tokens: int, dtype: str) -> dict:
-    from rollout.engine import EngineConfig, VLLMEngine
+    from rollout.engine import EngineConfig, VLLMEngine, run_sync
 
     t0 = time.perf_counter()
     eng = VLLMEngine(EngineConfig(model=str(folder), dtype=dtype, max_model_len=1024, kv_cache_memory_mb=1024))
-    eng.ready()
+    run_sync(eng.ready())
     startup = time.perf_counter() - t0
     runs = []
     for _ in range(2):
         t = time.perf_counter()
-        out = eng.generate(prompts, n=1, max_tokens=max_tokens, temperature=1.0)
+        out = run_sync(eng.generate(prompts, n=1, max_tokens=max_tokens, temperature=1.0))
         dt = time.perf_counter() - t
         lens = [len(g[0].token_ids) for g in out]
         eos = sum(g[0].finish_reason == "stop" for g in out)
