@@ -70,15 +70,39 @@ class LearnerConfig:
 
 
 @dataclass
+class CriticConfig:
+    """PPO's value model: its own DeepSpeed learner actor(s) (as many ranks as the policy learner)."""
+    path: Optional[str] = None  # null: initialise the backbone from the policy; or an HF causal-LM folder
+    lr: float = 5e-3
+    warmup_steps: int = 0  # first steps train only the critic (the policy is not updated)
+    value_clip: Optional[float] = 0.2  # clip V around the rollout-time value (null: no clipping)
+    num_cpus_per_rank: float = 0.2
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "grpo"
-    advantage: str = "grpo"
-    normalize_std: bool = True
-    policy_loss: str = "ppo_clip"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
+    advantage: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae | a plugin's name
+    normalize_std: bool = True  # grpo: divide by the group's reward std (false = Dr. GRPO)
+    gamma: float = 1.0  # discount over policy tokens (reward-to-go, GAE)
+    lam: float = 1.0  # GAE lambda
+    whiten_advantages: bool = False  # gae: normalise advantages over the batch
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo | a plugin's name
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # DAPO's clip-higher: clip_high > clip_low
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    loss_norm_tokens: Optional[int] = None  # seq-mean-token-sum-norm's constant (null: max_tokens * max_turns)
+    kl_coef: float = 0.0  # 0: no reference policy is loaded at all
+    ref_num_cpus: float = 0.1  # Ray CPUs of the reference-policy actor
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_in_reward: bool = False  # true: -kl_coef*KL per token enters the rewards; false: a loss term
+    entropy_coef: float = 0.0  # entropy bonus (loss -= entropy_coef * entropy)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill the batch
+    max_sample_rounds: int = 3  # rollout rounds per step for dynamic sampling (then pad with dropped groups)
+    overlong_buffer_frac: float = 0.0  # DAPO soft overlong penalty over the last frac of the max length
+    overlong_penalty: float = 1.0  # reward at the max length (-overlong_penalty), linear inside the buffer
+    mask_truncated: bool = False  # exclude truncated responses (hit max_tokens / context) from the loss
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
 
 @dataclass
@@ -132,12 +156,16 @@ def register_plugin_envs(cs: ConfigStore) -> None:
             cs.store(group="env", name=ep.name, node={"name": ep.name, "kwargs": {}})
 
 
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")  # baselines from the prompt's group
+
+
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks with messages that name the keys to change."""
     r, l = cfg.rollout, cfg.learner
     B = r.prompts_per_step * r.group_size
-    if r.group_size < 2:
-        raise ValueError(f"rollout.group_size={r.group_size}: GRPO needs at least 2 samples per prompt")
+    if r.group_size < 2 and (cfg.algorithm.advantage in GROUP_ESTIMATORS or cfg.algorithm.dynamic_sampling):
+        raise ValueError(f"rollout.group_size={r.group_size}: algorithm.advantage={cfg.algorithm.advantage!r} "
+                         "compares samples of the same prompt, so it needs at least 2 samples per prompt")
     per = B // (l.num_ranks * l.mini_batches)
     if B % (l.num_ranks * l.mini_batches) or per % min(l.micro_batch_size, per):
         raise ValueError(
@@ -147,14 +175,7 @@ def validate(cfg: TrainConfig) -> None:
         )
     if l.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"learner.zero_stage={l.zero_stage}; use 0, 1, 2 or 3")
-    from rl.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-
-    a = cfg.algorithm
-    for key, val, reg in [("algorithm.advantage", a.advantage, ADVANTAGE_ESTIMATORS),
-                          ("algorithm.policy_loss", a.policy_loss, POLICY_LOSSES),
-                          ("algorithm.kl_estimator", a.kl_estimator, KL_ESTIMATORS)]:
-        if val not in reg:
-            raise ValueError(f"{key}={val!r} is unknown; available: {', '.join(sorted(reg))}")
+    validate_algorithm(cfg)
     if cfg.ray.temp_dir and len(str(cfg.ray.temp_dir)) > 50:
         raise ValueError(
             f"ray.temp_dir={cfg.ray.temp_dir!r} is {len(str(cfg.ray.temp_dir))} characters; Ray's socket "
@@ -162,3 +183,29 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.logger.backend not in ("wandb", "console"):
         raise ValueError(f"logger.backend={cfg.logger.backend!r}; use wandb or console")
+
+
+def validate_algorithm(cfg: TrainConfig) -> None:
+    from rl.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES,
+                               load_algorithm_plugins)
+
+    load_algorithm_plugins()
+    a = cfg.algorithm
+    for key, val, reg in [("algorithm.advantage", a.advantage, ADVANTAGE_ESTIMATORS),
+                          ("algorithm.policy_loss", a.policy_loss, POLICY_LOSSES),
+                          ("algorithm.kl_estimator", a.kl_estimator, KL_ESTIMATORS),
+                          ("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)]:
+        if val not in reg:
+            raise ValueError(f"{key}={val!r} is unknown; available: {', '.join(sorted(reg))}")
+    checks = [
+        (a.clip_low < 0 or a.clip_high < 0 or a.clip_low >= 1, f"algorithm.clip_low={a.clip_low} / clip_high="
+         f"{a.clip_high}: use 0 <= clip_low < 1 and clip_high >= 0"),
+        (not 0 <= a.gamma <= 1 or not 0 <= a.lam <= 1, f"algorithm.gamma={a.gamma} / lam={a.lam}: use values in [0, 1]"),
+        (a.kl_coef < 0, f"algorithm.kl_coef={a.kl_coef}: use >= 0 (0 disables the reference policy)"),
+        (a.max_sample_rounds < 1, f"algorithm.max_sample_rounds={a.max_sample_rounds}: use >= 1"),
+        (not 0 <= a.overlong_buffer_frac < 1, f"algorithm.overlong_buffer_frac={a.overlong_buffer_frac}: use [0, 1)"),
+        (a.critic.warmup_steps < 0, f"algorithm.critic.warmup_steps={a.critic.warmup_steps}: use >= 0"),
+    ]
+    for bad, msg in checks:
+        if bad:
+            raise ValueError(msg)

@@ -1,6 +1,7 @@
 """The controller: one driver loop wiring env pool -> engines -> learner ranks -> weight sync -> logs."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import statistics
@@ -11,9 +12,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rl.algorithms import ADVANTAGE_ESTIMATORS
+from rl.algorithms import NEEDS_CRITIC, compute_advantages, groups_with_signal, overlong_penalty
 from rl.config import TrainConfig, validate
+from rl.critic import Critic
 from rl.learner import AlgoSettings, Learner, LearnerSettings
+from rl.reference import ReferencePolicy
 from rl.logger import RunLogger
 from rl.trajectory import collate
 
@@ -93,6 +96,10 @@ class Controller:
         self.tokenizer = load_tokenizer(self.policy_path)
         self.step = 0
         self.version = 0
+        self.prompts_drawn = 0  # env seeds used so far (dynamic sampling draws extra prompts)
+        self.critic: list = []
+        self.ref = None
+        self.placement_groups: list = []
         self._started = False
 
     def _cache_root(self) -> Path:
@@ -150,87 +157,215 @@ class Controller:
                              logprob_chunk_tokens=l.logprob_chunk_tokens, gradient_checkpointing=l.gradient_checkpointing,
                              num_threads=l.num_threads, seed=cfg.seed, ds_extra=l.ds_extra)
         algo = AlgoSettings(policy_loss=a.policy_loss, clip_low=a.clip_low, clip_high=a.clip_high,
-                            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator)
-        # torch.distributed rendezvous on rank 0's node, with a port free there: 127.0.0.1 and a
-        # driver-side port are wrong once the ranks (or the driver) sit on different nodes.
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        self.learner_pg = placement_group([{"CPU": max(l.num_cpus_per_rank, 0.01)}] * l.num_ranks, strategy="PACK")
-        ray.get(self.learner_pg.ready())
-
-        def bundle(i):
-            return PlacementGroupSchedulingStrategy(placement_group=self.learner_pg, placement_group_bundle_index=i)
-
-        addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=bundle(0)).remote())
-        learner_cls = ray.remote(num_cpus=l.num_cpus_per_rank)(Learner)
+                            loss_agg=a.loss_agg, loss_norm_tokens=self.loss_norm_tokens,
+                            kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
+                            entropy_coef=a.entropy_coef)
         B = r.prompts_per_step * r.group_size
-        self.learners = [learner_cls.options(scheduling_strategy=bundle(rank)).remote(
-                             self.policy_path, ls, algo, rank, l.num_ranks, addr, port, B)
-                         for rank in range(l.num_ranks)]
-        ray.get([e.ready.remote() for e in self.engines] + [x.get_version.remote() for x in self.learners])
+        self.learners = self._ranks(Learner, "learner", l.num_cpus_per_rank,
+                                    lambda rank, addr, port: (self.policy_path, ls, algo, rank, l.num_ranks, addr, port, B))
+        waits = [x.get_version.remote() for x in self.learners]
+        if a.advantage in NEEDS_CRITIC:  # PPO: a value model on its own DeepSpeed ranks
+            from policies.build import resolve_policy_path
+
+            c = a.critic
+            critic_path = resolve_policy_path(c.path, {}, cfg.cache_dir) if c.path else self.policy_path
+            cs = dataclasses.replace(ls, lr=c.lr, seed=cfg.seed + 1)
+            self.critic = self._ranks(Critic, "critic", c.num_cpus_per_rank,
+                                      lambda rank, addr, port: (critic_path, cs, c.value_clip, rank, l.num_ranks, addr, port, B))
+            waits += [x.ready.remote() for x in self.critic]
+        if a.kl_coef > 0:  # the frozen reference policy, only when KL is used at all
+            self.ref = ray.remote(num_cpus=a.ref_num_cpus)(ReferencePolicy).remote(
+                self.policy_path, l.dtype, l.micro_batch_size, l.logprob_chunk_tokens, l.num_threads)
+            waits.append(self.ref.ready.remote())
+        ray.get([e.ready.remote() for e in self.engines] + waits)
         self.runner = EpisodeRunner(self.env_pool, self.engines, self.tokenizer, RolloutSettings(
             group_size=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
             max_turns=r.max_turns, max_context=r.max_model_len, max_retries=r.max_retries,
             max_inflight=r.max_inflight))
         self._started = True
 
+    def _ranks(self, cls, role: str, num_cpus: float, args) -> list:
+        """`learner.num_ranks` actors of `cls` in their own PACK placement group, with their
+        torch.distributed rendezvous on rank 0's node (a port free there): 127.0.0.1 and a
+        driver-side port are wrong once the ranks (or the driver) sit on different nodes."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        n = self.cfg.learner.num_ranks
+        pg = placement_group([{"CPU": max(num_cpus, 0.01)}] * n, strategy="PACK")
+        try:
+            ray.get(pg.ready(), timeout=self.cfg.env.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RunError(
+                f"the cluster cannot place {n} {role} rank(s) of {num_cpus} CPUs each next to the rest of the run "
+                f"(free now: {ray.available_resources().get('CPU', 0):.2f} CPUs); lower learner.num_cpus_per_rank / "
+                "algorithm.critic.num_cpus_per_rank / rollout.engine_num_cpus, or give Ray more CPUs (ray.num_cpus)"
+            ) from None
+        self.placement_groups.append(pg)
+
+        def bundle(i):
+            return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+
+        addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=bundle(0)).remote())
+        actor = ray.remote(num_cpus=num_cpus)(cls)
+        return [actor.options(scheduling_strategy=bundle(rank), name=None).remote(*args(rank, addr, port))
+                for rank in range(n)]
+
+    @property
+    def loss_norm_tokens(self) -> float:
+        a, r = self.cfg.algorithm, self.cfg.rollout
+        return float(a.loss_norm_tokens or r.max_tokens * r.max_turns)
+
     # -- one step -------------------------------------------------------------------------
-    def seeds_for_step(self, step: int) -> list[int]:
+    def _next_seeds(self) -> list[int]:
         P = self.cfg.rollout.prompts_per_step
-        return [self.cfg.seed * 1_000_003 + step * P + i for i in range(P)]
+        seeds = [self.cfg.seed * 1_000_003 + self.prompts_drawn + i for i in range(P)]
+        self.prompts_drawn += P
+        return seeds
+
+    @property
+    def max_response_tokens(self) -> int:
+        r = self.cfg.rollout
+        return r.max_tokens * r.max_turns
+
+    def _shaped_rewards(self, trajs) -> torch.Tensor:
+        """Episode rewards plus DAPO's overlong penalty (when algorithm.overlong_buffer_frac > 0)."""
+        a = self.cfg.algorithm
+        rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+        if a.overlong_buffer_frac > 0:
+            L = self.max_response_tokens
+            rewards = rewards + overlong_penalty(torch.tensor([t.num_policy_tokens for t in trajs]), L,
+                                                 a.overlong_buffer_frac * L, a.overlong_penalty)
+        return rewards
+
+    def _check_errors(self, trajs) -> None:
+        failed = [t for t in trajs if t.error]
+        self._log_env_errors()
+        if len(failed) > self.cfg.env.max_error_frac * len(trajs):
+            raise RunError(
+                f"env {self.cfg.env._target_ or self.cfg.env.name!r} failed on {len(failed)}/{len(trajs)} episodes "
+                f"after {self.cfg.rollout.max_retries} retries; first error: {failed[0].error}. "
+                "Fix the environment (or raise env.max_error_frac to tolerate failures)"
+            )
+
+    SUMMED_ROLLOUT_STATS = ("rollout/episodes", "env/errors", "env/retries", "env/failed_episodes",
+                            "env/failed_groups", "rollout/generated_tokens", "rollout/wall_s")
+
+    def _collect(self):
+        """Rollouts for one step -> (batch trajectories, groups whose advantage is forced to 0, all
+        sampled trajectories, stats). With dynamic sampling, groups whose rewards are all equal
+        are dropped and more prompts are rolled out (up to algorithm.max_sample_rounds rounds);
+        if still short, dropped groups fill the batch with zero advantage (counted)."""
+        a, G, P = self.cfg.algorithm, self.cfg.rollout.group_size, self.cfg.rollout.prompts_per_step
+        kept, dropped, everything, stats, rounds = [], [], [], {}, 0
+        while True:
+            trajs = self.runner.run(self._next_seeds())
+            rounds += 1
+            self._check_errors(trajs)
+            everything += trajs
+            for k, v in self.runner.stats.items():
+                stats[k] = stats.get(k, 0) + v if k in self.SUMMED_ROLLOUT_STATS and k in stats else v
+            groups = [trajs[g * G:(g + 1) * G] for g in range(P)]
+            if not a.dynamic_sampling:
+                kept = groups
+                break
+            signal = groups_with_signal(self._shaped_rewards(trajs), G)
+            for g, grp in enumerate(groups):
+                (kept if bool(signal[g]) and not any(t.error for t in grp) else dropped).append(grp)
+            if len(kept) >= P or rounds >= a.max_sample_rounds:
+                break
+        padded = max(0, P - len(kept))
+        batch_groups = kept[:P] + dropped[:padded]
+        zero_groups = {g for g, grp in enumerate(batch_groups) if g >= len(kept[:P]) or any(t.error for t in grp)}
+        batch = []
+        for g, grp in enumerate(batch_groups):
+            for t in grp:
+                t.group = g
+                batch.append(t)
+        stats["rollout/tokens_per_s"] = stats["rollout/generated_tokens"] / max(stats["rollout/wall_s"], 1e-9)
+        if a.dynamic_sampling:
+            stats.update({"dynamic/rounds": rounds, "dynamic/kept_groups": min(len(kept), P),
+                          "dynamic/dropped_groups": len(dropped), "dynamic/padded_groups": padded})
+        return batch, zero_groups, everything, stats
 
     def train_step(self) -> dict:
         import ray
 
-        cfg = self.cfg
+        cfg, a = self.cfg, self.cfg.algorithm
+        G = cfg.rollout.group_size
         t0 = time.perf_counter()
-        trajs = self.runner.run(self.seeds_for_step(self.step))
+        trajs, zero_groups, sampled, rollout_stats = self._collect()
         t_rollout = time.perf_counter() - t0
-        failed = [t for t in trajs if t.error]
-        self._log_env_errors()
-        if len(failed) > cfg.env.max_error_frac * len(trajs):
-            raise RunError(
-                f"env {cfg.env._target_ or cfg.env.name!r} failed on {len(failed)}/{len(trajs)} episodes "
-                f"after {cfg.rollout.max_retries} retries; first error: {failed[0].error}. "
-                "Fix the environment (or raise env.max_error_frac to tolerate failures)"
-            )
-        rewards = torch.tensor([t.reward for t in trajs])
-        adv = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage](
-            rewards, cfg.rollout.group_size, normalize_std=cfg.algorithm.normalize_std)
-        # A group with an episode that failed after all retries is not trained on (its baseline
-        # would be wrong); it is reported in env/failed_groups and env_errors.jsonl.
-        for g in {t.group for t in failed}:
-            adv[g * cfg.rollout.group_size:(g + 1) * cfg.rollout.group_size] = 0.0
-        ok = [t for t in trajs if not t.error] or trajs
-        rewards_ok = torch.tensor([t.reward for t in ok])
+
+        rewards = self._shaped_rewards(trajs)
         batch = collate(trajs, self.tokenizer.pad_token_id)
-        batch["advantages"] = adv
+        if a.mask_truncated:
+            truncated = [i for i, t in enumerate(trajs) if t.finish_reason in ("length", "context")]
+            batch["loss_mask"][truncated] = 0.0
+            rollout_stats["response/masked_truncated"] = len(truncated)
         t1 = time.perf_counter()
-        ref = ray.put(batch)
-        stats = ray.get([x.train.remote(ref) for x in self.learners])[0]
-        t_train = time.perf_counter() - t1
-        self.version += 1
+        # Score the batch where the models live, in parallel: old-policy logprobs (learner ranks),
+        # values (critic ranks), reference logprobs (reference actor).
+        batch_ref = ray.put(batch)
+        score_refs = [x.score.remote(batch_ref) for x in self.learners]
+        value_refs = [c.values.remote(batch_ref) for c in self.critic]
+        ref_lp_ref = self.ref.logprobs.remote(batch_ref) if self.ref is not None else None
+        scored = ray.get(score_refs)
+        old_lp, stats = torch.cat([lp for lp, _ in scored]), dict(scored[0][1])
+        values = torch.cat(ray.get(value_refs)) if self.critic else None
+        ref_lp = ray.get(ref_lp_ref) if ref_lp_ref is not None else None
+        t_score = time.perf_counter() - t1
+
+        adv, returns, adv_stats = compute_advantages(a, rewards, batch["loss_mask"], G, old_lp, ref_lp, values)
+        # A group with an episode that failed after all retries is not trained on (its baseline
+        # would be wrong; reported in env/failed_groups and env_errors.jsonl), nor is a group that
+        # only pads a dynamically sampled batch.
+        for g in zero_groups:
+            adv[g * G:(g + 1) * G] = 0.0
+        batch.update(old_logprobs=old_lp, advantages=adv)
+        if ref_lp is not None and not a.kl_in_reward:
+            batch["ref_logprobs"] = ref_lp
+        if self.critic:
+            batch.update(values=values, returns=returns)
         t2 = time.perf_counter()
-        sync = ray.get([x.push_weights.remote(self.engines, self.version, cfg.learner.sync_bucket_mb)
-                        for x in self.learners])[0]
-        t_sync = time.perf_counter() - t2
-        resp_lens = [t.num_policy_tokens for t in trajs]
+        train_policy = self.step >= a.critic.warmup_steps or not self.critic
+        batch_ref = ray.put(batch)
+        train_refs = [x.train.remote(batch_ref) for x in self.learners] if train_policy else []
+        critic_refs = [c.train.remote(batch_ref) for c in self.critic]
+        if train_refs:
+            stats.update(ray.get(train_refs)[0])
+        if critic_refs:
+            stats.update(ray.get(critic_refs)[0])
+        t_train = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        sync = {}
+        if train_policy:
+            self.version += 1
+            sync = ray.get([x.push_weights.remote(self.engines, self.version, cfg.learner.sync_bucket_mb)
+                            for x in self.learners])[0]
+        t_sync = time.perf_counter() - t3
+
+        ok = [t for t in sampled if not t.error] or sampled
+        rewards_ok = torch.tensor([t.reward for t in ok])
         behaviour_versions = {v for t in trajs for v in t.versions if v >= 0}
         metrics = {
             "step": self.step,
             "policy/version": self.version,
+            "policy/trained": int(train_policy),
             "rollout/policy_version": max(behaviour_versions) if behaviour_versions else -1,
-            "reward/mean": float(rewards_ok.mean()),
+            "reward/mean": float(rewards_ok.mean()),  # over every sampled episode of the step
             "reward/std": float(rewards_ok.std()) if len(ok) > 1 else 0.0,
             "reward/max": float(rewards_ok.max()),
+            "reward/train_mean": float(rewards.mean()),  # over the trained batch, after shaping
             "reward/exact_frac": statistics.mean(float(t.info.get("exact", 0)) for t in ok),
             **info_means(ok),
-            "response/mean_tokens": statistics.mean(resp_lens),
+            "response/mean_tokens": statistics.mean(t.num_policy_tokens for t in trajs),
             "response/stop_frac": statistics.mean(t.finish_reason == "stop" for t in trajs),
-            "timing/rollout_s": t_rollout, "timing/train_s": t_train, "timing/sync_s": t_sync,
-            "timing/step_s": time.perf_counter() - t0,
-            **self.runner.stats, **stats, **sync,
+            "response/truncated_frac": statistics.mean(t.finish_reason in ("length", "context") for t in trajs),
+            "timing/rollout_s": t_rollout, "timing/score_s": t_score, "timing/train_s": t_score + t_train,
+            "timing/update_s": t_train, "timing/sync_s": t_sync, "timing/step_s": time.perf_counter() - t0,
+            **rollout_stats, **adv_stats, **stats, **sync,
         }
         self.step += 1
         return metrics
@@ -248,17 +383,17 @@ class Controller:
         import ray
 
         if self._started:
-            for h in self.engines + self.learners:
+            for h in self.engines + self.learners + self.critic + ([self.ref] if self.ref is not None else []):
                 try:
                     ray.kill(h)
                 except Exception:  # noqa: BLE001
                     pass
             self.env_pool.shutdown()
-            if getattr(self, "learner_pg", None) is not None:
-                from ray.util.placement_group import remove_placement_group
+            from ray.util.placement_group import remove_placement_group
 
+            for pg in self.placement_groups:
                 try:
-                    remove_placement_group(self.learner_pg)
+                    remove_placement_group(pg)
                 except Exception:  # noqa: BLE001
                     pass
         if getattr(self, "_owns_ray", False):

@@ -1,172 +1,56 @@
 """DeepSpeed learner: one instance per rank (a Ray actor in runs, a plain object in unit tests).
 
-Computes old/ref logprobs, applies the policy-gradient update, and streams its weights to the
+Scores batches (old-policy logprobs, entropy, engine/learner mismatch), applies the policy update
+with the configured loss (it does not know how advantages were made), and streams its weights to the
 rollout engines in size-capped buckets (gathered per module under ZeRO-3, so no rank ever holds
 the whole model for the sync).
 """
 from __future__ import annotations
 
-import logging
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from rl.algorithms import POLICY_LOSSES, kl_estimate, masked_mean
+from rl.algorithms import kl_estimate, policy_objective
+from rl.ds_worker import DeepSpeedWorker, LearnerSettings, ds_config, register_zero3_external_params  # noqa: F401
 from rl.logprobs import token_logprobs
 
 
 @dataclass
-class LearnerSettings:
-    zero_stage: int = 2
-    dtype: str = "float32"  # float32 on CPU; bfloat16 on GPU
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    grad_clip: float = 1.0
-    micro_batch_size: int = 64
-    mini_batches: int = 1  # optimizer steps per rollout batch
-    logprob_chunk_tokens: int = 4096
-    gradient_checkpointing: bool = False
-    num_threads: int = 1
-    seed: int = 0
-    ds_extra: dict = field(default_factory=dict)
-
-
-@dataclass
 class AlgoSettings:
+    """What the learner needs to know of the algorithm: the policy loss and its terms."""
     policy_loss: str = "ppo_clip"
     clip_low: float = 0.2
     clip_high: float = 0.2
-    kl_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    loss_norm_tokens: float | None = None
+    kl_coef: float = 0.0  # KL as a loss term (only when the batch carries ref_logprobs)
     kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
 
 
-def ds_config(s: LearnerSettings, world_size: int, grad_accum: int) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": s.micro_batch_size * grad_accum * world_size,
-        "gradient_clipping": s.grad_clip,
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": s.zero_stage},
-        "bf16": {"enabled": s.dtype == "bfloat16"},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if s.zero_stage == 3:
-        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True})
-    for k, v in s.ds_extra.items():
-        cfg[k] = v
-    return cfg
-
-
-def register_zero3_external_params(model) -> list[str]:
-    """Gated DeltaNet reads `self.conv1d.weight` directly instead of calling `conv1d`, so ZeRO-3's
-    per-module hooks never gather it. Register it as an external parameter of the GDN block, so it
-    is gathered whenever the block runs (forward and backward). Returns the registered names."""
-    from deepspeed.runtime.zero import register_external_parameter
-
-    names = []
-    for name, mod in model.named_modules():
-        conv = getattr(mod, "conv1d", None)
-        if type(mod).__name__.endswith("GatedDeltaNet") and conv is not None:
-            register_external_parameter(mod, conv.weight)
-            names.append(f"{name}.conv1d.weight")
-    return names
-
-
-class Learner:
+class Learner(DeepSpeedWorker):
     def __init__(self, model_path: str, settings: LearnerSettings, algo: AlgoSettings, rank: int = 0,
                  world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
                  samples_per_step: int = 64):
-        self.s, self.algo, self.rank, self.world = settings, algo, rank, world_size
-        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                           "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
-        torch.set_num_threads(settings.num_threads)
-        torch.manual_seed(settings.seed)
-        import deepspeed
-        import deepspeed.ops
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        deepspeed.utils.logger.setLevel(logging.WARNING)
-        self.cuda = torch.cuda.is_available()
-        if not self.cuda:
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid an ~80 s JIT build
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False)
-        self.device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1)) if self.cuda else torch.device("cpu")
-        if self.cuda:
-            torch.cuda.set_device(self.device)
-
-        per_rank = samples_per_step // (world_size * settings.mini_batches)
-        self.grad_accum = max(per_rank // settings.micro_batch_size, 1)
-        self.ds_cfg = ds_config(settings, world_size, self.grad_accum)
-        self.model = self._load_model(model_path, trainable=True)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=tuple(settings.betas))
-        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=opt, config=self.ds_cfg)
-        self.ref = None
-        if algo.kl_coef > 0:
-            self.ref = self._load_model(model_path, trainable=False, plain=True)
+        self.algo = algo
+        self._setup(settings, rank, world_size, master_addr, master_port, samples_per_step)
+        self.model = self._load_causal_lm(model_path)
+        self._initialize(self.model)
         self.version = 0
-
-    def _load_model(self, path: str, trainable: bool, plain: bool = False):
-        from transformers import AutoModelForCausalLM
-        from transformers.integrations import HfDeepSpeedConfig
-
-        dtype = torch.bfloat16 if self.s.dtype == "bfloat16" else torch.float32
-        keep = None
-        if self.s.zero_stage == 3 and not plain:
-            keep = HfDeepSpeedConfig(self.ds_cfg)  # noqa: F841 - must stay alive during from_pretrained
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        del keep
-        if self.s.zero_stage == 3 and not plain:
-            register_zero3_external_params(model)
-        if plain:
-            model.to(self.device).eval().requires_grad_(False)
-        elif self.s.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        return model
-
-    # -- helpers ---------------------------------------------------------------------------
-    def _shard(self, batch: dict) -> dict:
-        B = batch["input_ids"].shape[0]
-        per = B // self.world
-        sl = slice(self.rank * per, (self.rank + 1) * per)
-        return {k: v[sl] for k, v in batch.items()}
-
-    def _micro(self, batch: dict, size: int):
-        B = batch["input_ids"].shape[0]
-        for start in range(0, B, size):
-            mb = {k: v[start : start + size] for k, v in batch.items()}
-            T = int(mb["lengths"].max())
-            for k in ("input_ids",):
-                mb[k] = mb[k][:, :T]
-            for k in ("loss_mask", "behaviour_logprobs", "versions", "old_logprobs", "ref_logprobs"):
-                if k in mb:
-                    mb[k] = mb[k][:, : T - 1]
-            yield {k: v.to(self.device) for k, v in mb.items()}
-
-    def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
-        return t.tolist()
 
     @torch.no_grad()
     def _score(self, model, batch: dict, with_entropy: bool):
         out_lp, out_ent = [], []
         model.eval()
+        T = batch["input_ids"].shape[1] - 1
         for mb in self._micro(batch, self.s.micro_batch_size):
             res = token_logprobs(model, mb["input_ids"], self.s.logprob_chunk_tokens, with_entropy)
             lp, ent = res if with_entropy else (res, None)
-            T = batch["input_ids"].shape[1] - 1
-            out_lp.append(torch.nn.functional.pad(lp.float().cpu(), (0, T - lp.shape[1])))
+            out_lp.append(self._pad_to(lp, T))
             if with_entropy:
-                out_ent.append(torch.nn.functional.pad(ent.float().cpu(), (0, T - ent.shape[1])))
+                out_ent.append(self._pad_to(ent, T))
         return torch.cat(out_lp), (torch.cat(out_ent) if with_entropy else None)
 
     # -- public API ------------------------------------------------------------------------
@@ -174,55 +58,66 @@ class Learner:
         """Logprobs of this rank's shard (all ranks must call; used by tests and probes)."""
         return self._score(self.engine.module, self._shard(batch), False)[0]
 
-    def train(self, batch: dict) -> dict:
-        """One rollout batch: old/ref logprobs, mismatch stats, `mini_batches` optimizer steps."""
-        t0 = time.perf_counter()
+    def score(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Old-policy logprobs of this rank's shard [b, T-1] (the driver concatenates the ranks'
+        shards) and batch-wide stats: entropy and the engine/learner mismatch on sampled tokens."""
         local = self._shard(batch)
         old_lp, entropy = self._score(self.engine.module, local, with_entropy=True)
-        local["old_logprobs"] = old_lp
         mask = local["loss_mask"]
-        if self.ref is not None:
-            local["ref_logprobs"] = self._score(self.ref, local, False)[0]
-        # engine vs learner on the same sampled tokens: KL(engine || learner), k3 estimate
         beh = local["behaviour_logprobs"]
-        mm_kl = kl_estimate(beh, old_lp, "k3")
+        mm_kl = kl_estimate(beh, old_lp, "k3")  # KL(engine || learner), k3 estimate
         absdiff = (beh - old_lp).abs() * mask
         sums = self._allreduce([float((mm_kl * mask).sum()), float(absdiff.sum()), float((entropy * mask).sum()),
                                 float(mask.sum())])
         (max_diff,) = self._allreduce([float(absdiff.max()) if absdiff.numel() else 0.0], "max")
         n_tok = max(sums[3], 1.0)
-        stats = {"mismatch/kl": sums[0] / n_tok, "mismatch/abs_logprob_diff": sums[1] / n_tok,
-                 "mismatch/max_abs_logprob_diff": max_diff, "policy/entropy": sums[2] / n_tok,
-                 "train/policy_tokens": sums[3]}
-        score_s = time.perf_counter() - t0
+        return old_lp, {"mismatch/kl": sums[0] / n_tok, "mismatch/abs_logprob_diff": sums[1] / n_tok,
+                        "mismatch/max_abs_logprob_diff": max_diff, "policy/entropy": sums[2] / n_tok,
+                        "train/policy_tokens": sums[3]}
 
-        loss_fn = POLICY_LOSSES[self.algo.policy_loss]
+    def train(self, batch: dict) -> dict:
+        """One rollout batch (carrying old_logprobs and per-token advantages, optionally ref_logprobs):
+        `mini_batches` optimizer steps; each loss is aggregated over its whole mini-batch (all
+        micro-batches and ranks), so gradient accumulation does not change the objective."""
+        t0 = time.perf_counter()
+        local = self._shard(batch)
+        if "old_logprobs" not in local:  # on-policy default when the caller did not score the batch
+            local["old_logprobs"] = self._score(self.engine.module, local, with_entropy=False)[0]
+        a = self.algo
+        with_ent = a.entropy_coef > 0
         self.engine.module.train()
         B = local["input_ids"].shape[0]
         mini = B // self.s.mini_batches
-        losses, clip_fracs, kls = [], [], []
+        totals: dict[str, float] = {}
         for m in range(self.s.mini_batches):
             part = {k: v[m * mini : (m + 1) * mini] for k, v in local.items()}
+            num_tokens, num_seqs = self._global_counts(part)
             for mb in self._micro(part, self.s.micro_batch_size):
-                lp = token_logprobs(self.engine.module, mb["input_ids"], self.s.logprob_chunk_tokens)
-                loss, st = loss_fn(lp.float(), mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                                   clip_low=self.algo.clip_low, clip_high=self.algo.clip_high)
-                if self.ref is not None:
-                    kl = masked_mean(kl_estimate(lp.float(), mb["ref_logprobs"], self.algo.kl_estimator), mb["loss_mask"])
-                    loss = loss + self.algo.kl_coef * kl
-                    kls.append(kl.item())
-                self.engine.backward(loss)
+                res = token_logprobs(self.engine.module, mb["input_ids"], self.s.logprob_chunk_tokens, with_ent)
+                lp, ent = res if with_ent else (res, None)
+                loss, st = policy_objective(
+                    lp.float(), mb["old_logprobs"], mb["advantages"], mb["loss_mask"], policy_loss=a.policy_loss,
+                    clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg, num_tokens=num_tokens,
+                    num_seqs=num_seqs, norm_tokens=a.loss_norm_tokens, ref_logprobs=mb.get("ref_logprobs"),
+                    kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                    entropy=ent.float() if ent is not None else None, entropy_coef=a.entropy_coef)
+                self.engine.backward(loss * self.loss_scale)
                 self.engine.step()
-                losses.append(loss.item())
-                clip_fracs.append(st["clip_frac"])
+                n = float(mb["loss_mask"].sum())
+                totals["loss"] = totals.get("loss", 0.0) + loss.item()
+                for k in ("clip_frac", "kl_ref"):
+                    if k in st:  # token-weighted means
+                        totals[k] = totals.get(k, 0.0) + st[k] * n
+                totals["tokens"] = totals.get("tokens", 0.0) + n
+        keys = sorted(totals)
+        summed = dict(zip(keys, self._allreduce([totals[k] for k in keys])))
         self.version += 1
-        stats.update({
-            "train/loss": sum(losses) / len(losses), "train/clip_frac": sum(clip_fracs) / len(clip_fracs),
-            "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-            "train/lr": self.s.lr, "timing/score_s": score_s,
-        })
-        if kls:
-            stats["train/kl_ref"] = sum(kls) / len(kls)
+        stats = {"train/loss": summed["loss"] / self.s.mini_batches,
+                 "train/clip_frac": summed.get("clip_frac", 0.0) / max(summed["tokens"], 1.0),
+                 "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                 "train/lr": self.s.lr, "timing/learner_update_s": time.perf_counter() - t0}
+        if "kl_ref" in summed:
+            stats["train/kl_ref"] = summed["kl_ref"] / max(summed["tokens"], 1.0)
         return stats
 
     def iter_hf_weights(self):

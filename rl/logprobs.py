@@ -9,14 +9,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def _chunk_entropy(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
     logp = torch.log_softmax(head(h).float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if with_entropy:
+        return lp, -(logp.exp() * logp).sum(-1)
+    return lp
 
 
 def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -27,7 +25,8 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tens
 def token_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 4096, with_entropy: bool = False
 ):
-    """logprob of input_ids[:, t+1] given input_ids[:, :t+1]; returns [B, T-1] (and entropy [B, T-1])."""
+    """logprob of input_ids[:, t+1] given input_ids[:, :t+1]; returns [B, T-1] (and entropy [B, T-1],
+    differentiable when autograd is on: the entropy bonus trains through it)."""
     head = model.get_output_embeddings()
     h = hidden_states(model, input_ids)[:, :-1]
     B, T, H = h.shape
@@ -38,12 +37,13 @@ def token_logprobs(
     for start in range(0, n, chunk_tokens):
         hc, tc = flat[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if torch.is_grad_enabled() and n > chunk_tokens:
-            pieces.append(checkpoint(_chunk_logprobs, head, hc, tc, use_reentrant=False))
+            out = checkpoint(_chunk_logprobs, head, hc, tc, with_entropy, use_reentrant=False)
         else:
-            pieces.append(_chunk_logprobs(head, hc, tc))
+            out = _chunk_logprobs(head, hc, tc, with_entropy)
+        lp, ent = out if with_entropy else (out, None)
+        pieces.append(lp)
         if with_entropy:
-            with torch.no_grad():
-                ents.append(_chunk_entropy(head, hc))
+            ents.append(ent)
     lp = torch.cat(pieces).view(B, T)
     if with_entropy:
         return lp, torch.cat(ents).view(B, T)

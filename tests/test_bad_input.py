@@ -28,6 +28,23 @@ def test_unknown_group_option(tmp_path):
     assert "env/no_such_env" in line and "copy_digits" in line
 
 
+def test_unknown_algorithm_lists_the_available_ones(tmp_path):
+    line = error_line(run_cli(tmp_path, "algorithm=ppo2"))
+    assert "algorithm/ppo2" in line
+    for name in ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo"):
+        assert name in line.split("available")[1], line
+
+
+def test_unknown_advantage_estimator(tmp_path):
+    line = error_line(run_cli(tmp_path, "algorithm.advantage=gae2"))
+    assert "algorithm.advantage='gae2' is unknown" in line and "gae" in line and "rloo" in line
+
+
+def test_unknown_loss_aggregation(tmp_path):
+    line = error_line(run_cli(tmp_path, "algorithm.loss_agg=token_mean"))
+    assert "algorithm.loss_agg='token_mean'" in line and "seq-mean-token-mean" in line
+
+
 def test_missing_checkpoint_path(tmp_path):
     line = error_line(run_cli(tmp_path, f"policy.path={tmp_path / 'nope'}"))
     assert "does not exist" in line and "HF checkpoint folder" in line

@@ -1,0 +1,161 @@
+"""What the policy learner and the critic share: one DeepSpeed rank (torch.distributed setup, the
+DeepSpeed config, model loading, batch sharding and micro-batching, collective sums)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LearnerSettings:
+    zero_stage: int = 2
+    dtype: str = "float32"  # float32 on CPU; bfloat16 on GPU
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64
+    mini_batches: int = 1  # optimizer steps per rollout batch
+    logprob_chunk_tokens: int = 4096
+    gradient_checkpointing: bool = False
+    num_threads: int = 1
+    seed: int = 0
+    ds_extra: dict = field(default_factory=dict)
+
+
+def ds_config(s: LearnerSettings, world_size: int, grad_accum: int) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": s.micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": s.grad_clip,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": s.zero_stage},
+        "bf16": {"enabled": s.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if s.zero_stage == 3:
+        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True})
+    for k, v in s.ds_extra.items():
+        cfg[k] = v
+    return cfg
+
+
+def register_zero3_external_params(model) -> list[str]:
+    """Gated DeltaNet reads `self.conv1d.weight` directly instead of calling `conv1d`, so ZeRO-3's
+    per-module hooks never gather it. Register it as an external parameter of the GDN block, so it
+    is gathered whenever the block runs (forward and backward). Returns the registered names."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    names = []
+    for name, mod in model.named_modules():
+        conv = getattr(mod, "conv1d", None)
+        if type(mod).__name__.endswith("GatedDeltaNet") and conv is not None:
+            register_external_parameter(mod, conv.weight)
+            names.append(f"{name}.conv1d.weight")
+    return names
+
+
+class DeepSpeedWorker:
+    """Base of one DeepSpeed rank. Subclasses build `self.engine` with `_initialize`."""
+
+    def _setup(self, settings: LearnerSettings, rank: int, world_size: int, master_addr: str, master_port: int,
+               samples_per_step: int) -> None:
+        self.s, self.rank, self.world = settings, rank, world_size
+        from rl.algorithms import load_algorithm_plugins
+
+        load_algorithm_plugins()  # plugin policy losses must be registered in this process too
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                           "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+        torch.set_num_threads(settings.num_threads)
+        torch.manual_seed(settings.seed)
+        import deepspeed
+        import deepspeed.ops
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid an ~80 s JIT build
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False)
+        self.device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1)) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        per_rank = samples_per_step // (world_size * settings.mini_batches)
+        self.grad_accum = max(per_rank // settings.micro_batch_size, 1)
+        self.ds_cfg = ds_config(settings, world_size, self.grad_accum)
+
+    def _initialize(self, model: torch.nn.Module) -> None:
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=self.s.weight_decay, betas=tuple(self.s.betas))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_cfg)
+
+    def _load_causal_lm(self, path: str, plain: bool = False):
+        """A transformers causal LM; under ZeRO-3 (unless `plain`) partitioned while it loads."""
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        dtype = torch.bfloat16 if self.s.dtype == "bfloat16" else torch.float32
+        zero3 = self.s.zero_stage == 3 and not plain
+        keep = HfDeepSpeedConfig(self.ds_cfg) if zero3 else None  # noqa: F841 - alive during from_pretrained
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        del keep
+        if zero3:
+            register_zero3_external_params(model)
+        if plain:
+            model.to(self.device).eval().requires_grad_(False)
+        elif self.s.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model
+
+    def ready(self) -> bool:
+        return True
+
+    # -- batches ---------------------------------------------------------------------------
+    def _shard(self, batch: dict) -> dict:
+        B = batch["input_ids"].shape[0]
+        per = B // self.world
+        sl = slice(self.rank * per, (self.rank + 1) * per)
+        return {k: v[sl] for k, v in batch.items()}
+
+    def _micro(self, batch: dict, size: int):
+        """Micro-batches trimmed to their longest sequence. Token-aligned tensors ([B, T-1]) are
+        trimmed with input_ids ([B, T])."""
+        B, T_full = batch["input_ids"].shape
+        for start in range(0, B, size):
+            mb = {k: v[start : start + size] for k, v in batch.items()}
+            T = int(mb["lengths"].max())
+            for k, v in mb.items():
+                if v.dim() == 2 and v.shape[1] == T_full:
+                    mb[k] = v[:, :T]
+                elif v.dim() == 2 and v.shape[1] == T_full - 1:
+                    mb[k] = v[:, : T - 1]
+            yield {k: v.to(self.device) for k, v in mb.items()}
+
+    def _pad_to(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x.float().cpu(), (0, T - x.shape[1]))
+
+    def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
+        return t.tolist()
+
+    def _global_counts(self, part: dict) -> tuple[float, float]:
+        """(policy tokens, sequences) of a mini-batch over all ranks, for exact loss aggregation."""
+        tokens, seqs = self._allreduce([float(part["loss_mask"].sum()), float(part["loss_mask"].shape[0])])
+        return tokens, seqs
+
+    @property
+    def loss_scale(self) -> float:
+        """DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients
+        over ranks; losses aggregated over the whole mini-batch are multiplied back by this."""
+        return float(self.grad_accum * self.world)
