@@ -44,6 +44,7 @@ class RolloutConfig:
     max_retries: int = 1
     max_inflight: int = 4096  # episodes live at once (backpressure on env pool and engines)
     engine_backend: str = "auto"  # auto (inproc on CPU, async on GPU) | inproc | async
+    engine_cpus: Optional[str] = None  # CPU machines: pin the engine to these cores, e.g. "0" (null: vLLM's default)
     max_model_len: int = 512
     kv_cache_memory_mb: int = 256
     enforce_eager: bool = True
@@ -65,6 +66,7 @@ class LearnerConfig:
     logprob_chunk_tokens: int = 4096
     gradient_checkpointing: bool = False
     num_threads: int = 1
+    cpus: Optional[str] = None  # CPU machines: pin each learner rank to these cores, e.g. "1" (null: no pinning)
     sync_bucket_mb: float = 64.0
     ds_extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -102,7 +104,21 @@ class AlgorithmConfig:
     overlong_buffer_frac: float = 0.0  # DAPO soft overlong penalty over the last frac of the max length
     overlong_penalty: float = 1.0  # reward at the max length (-overlong_penalty), linear inside the buffer
     mask_truncated: bool = False  # exclude truncated responses (hit max_tokens / context) from the loss
+    # Off-policy correction between the engine's sampling logprobs and the learner's old policy
+    # (stale samples in async modes; bf16 engine vs fp32 learner numerics): none | tis | mis
+    is_correction: str = "tis"
+    is_cap: float = 2.0  # tis: weights truncated at is_cap; mis: tokens above it leave the loss
     critic: CriticConfig = field(default_factory=CriticConfig)
+
+
+@dataclass
+class TrainerConfig:
+    # sync: rollout -> update -> sync. one_step_off: step k+1's rollout (on version k) overlaps step
+    # k's update. async: rollouts stream continuously; weights land mid-flight (partial rollouts).
+    mode: str = "sync"
+    max_staleness: int = 1  # async: a sample's oldest token may be at most this many versions old
+    stale_policy: str = "drop"  # async: drop older groups, or "correct" (keep; IS re-weights them)
+    wait_timeout_s: float = 600.0  # async: no finished group for this long stops the run
 
 
 @dataclass
@@ -130,6 +146,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     steps: int = 30
@@ -176,6 +193,16 @@ def validate(cfg: TrainConfig) -> None:
     if l.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"learner.zero_stage={l.zero_stage}; use 0, 1, 2 or 3")
     validate_algorithm(cfg)
+    t = cfg.trainer
+    if t.mode not in ("sync", "one_step_off", "async"):
+        raise ValueError(f"trainer.mode={t.mode!r}; use sync, one_step_off or async")
+    if t.max_staleness < 0:
+        raise ValueError(f"trainer.max_staleness={t.max_staleness}; use >= 0")
+    if t.stale_policy not in ("drop", "correct"):
+        raise ValueError(f"trainer.stale_policy={t.stale_policy!r}; use drop or correct")
+    if t.stale_policy == "correct" and cfg.algorithm.is_correction == "none":
+        raise ValueError("trainer.stale_policy=correct keeps stale samples for importance-sampling correction, "
+                         "but algorithm.is_correction=none; set it to tis or mis")
     if cfg.ray.temp_dir and len(str(cfg.ray.temp_dir)) > 50:
         raise ValueError(
             f"ray.temp_dir={cfg.ray.temp_dir!r} is {len(str(cfg.ray.temp_dir))} characters; Ray's socket "
@@ -186,7 +213,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def validate_algorithm(cfg: TrainConfig) -> None:
-    from rl.algorithms import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES,
+    from rl.algorithms import (ADVANTAGE_ESTIMATORS, IS_MODES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES,
                                load_algorithm_plugins)
 
     load_algorithm_plugins()
@@ -194,7 +221,8 @@ def validate_algorithm(cfg: TrainConfig) -> None:
     for key, val, reg in [("algorithm.advantage", a.advantage, ADVANTAGE_ESTIMATORS),
                           ("algorithm.policy_loss", a.policy_loss, POLICY_LOSSES),
                           ("algorithm.kl_estimator", a.kl_estimator, KL_ESTIMATORS),
-                          ("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)]:
+                          ("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS),
+                          ("algorithm.is_correction", a.is_correction, IS_MODES)]:
         if val not in reg:
             raise ValueError(f"{key}={val!r} is unknown; available: {', '.join(sorted(reg))}")
     checks = [
@@ -202,6 +230,7 @@ def validate_algorithm(cfg: TrainConfig) -> None:
          f"{a.clip_high}: use 0 <= clip_low < 1 and clip_high >= 0"),
         (not 0 <= a.gamma <= 1 or not 0 <= a.lam <= 1, f"algorithm.gamma={a.gamma} / lam={a.lam}: use values in [0, 1]"),
         (a.kl_coef < 0, f"algorithm.kl_coef={a.kl_coef}: use >= 0 (0 disables the reference policy)"),
+        (a.is_cap <= 1.0, f"algorithm.is_cap={a.is_cap}: use a value > 1"),
         (a.max_sample_rounds < 1, f"algorithm.max_sample_rounds={a.max_sample_rounds}: use >= 1"),
         (not 0 <= a.overlong_buffer_frac < 1, f"algorithm.overlong_buffer_frac={a.overlong_buffer_frac}: use [0, 1)"),
         (a.critic.warmup_steps < 0, f"algorithm.critic.warmup_steps={a.critic.warmup_steps}: use >= 0"),

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rl.algorithms import NEEDS_CRITIC, compute_advantages, groups_with_signal, overlong_penalty
+from rl.algorithms import NEEDS_CRITIC, compute_advantages, groups_with_signal, importance_weights, overlong_penalty
 from rl.config import TrainConfig, validate
 from rl.critic import Critic
 from rl.learner import AlgoSettings, Learner, LearnerSettings
 from rl.reference import ReferencePolicy
 from rl.logger import RunLogger
-from rl.trajectory import collate
+from rl.trajectory import collate, group_staleness
 
 
 class RunError(RuntimeError):
@@ -100,6 +100,13 @@ class Controller:
         self.critic: list = []
         self.ref = None
         self.placement_groups: list = []
+        self.engine_version = 0
+        self._pending = None  # one_step_off: the next batch's rollout, running
+        self._streaming = False  # async: the producer runs
+        self._replaced_groups = 0
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rollout")
         self._started = False
 
     def _cache_root(self) -> Path:
@@ -148,14 +155,14 @@ class Controller:
                 model=self.policy_path, dtype=cfg.policy.engine_dtype, seed=cfg.seed + i,
                 max_model_len=r.max_model_len, kv_cache_memory_mb=r.kv_cache_memory_mb,
                 enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
-                backend=r.engine_backend, extra=r.extra))
+                backend=r.engine_backend, cpus=r.engine_cpus, extra=r.extra))
             for i in range(r.num_engines)
         ]
         l, a = cfg.learner, cfg.algorithm
         ls = LearnerSettings(zero_stage=l.zero_stage, dtype=l.dtype, lr=l.lr, weight_decay=l.weight_decay,
                              grad_clip=l.grad_clip, micro_batch_size=l.micro_batch_size, mini_batches=l.mini_batches,
                              logprob_chunk_tokens=l.logprob_chunk_tokens, gradient_checkpointing=l.gradient_checkpointing,
-                             num_threads=l.num_threads, seed=cfg.seed, ds_extra=l.ds_extra)
+                             num_threads=l.num_threads, cpus=l.cpus, seed=cfg.seed, ds_extra=l.ds_extra)
         algo = AlgoSettings(policy_loss=a.policy_loss, clip_low=a.clip_low, clip_high=a.clip_high,
                             loss_agg=a.loss_agg, loss_norm_tokens=self.loss_norm_tokens,
                             kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
@@ -275,6 +282,15 @@ class Controller:
                 (kept if bool(signal[g]) and not any(t.error for t in grp) else dropped).append(grp)
             if len(kept) >= P or rounds >= a.max_sample_rounds:
                 break
+        stats["rollout/tokens_per_s"] = stats["rollout/generated_tokens"] / max(stats["rollout/wall_s"], 1e-9)
+        if a.dynamic_sampling:
+            stats["dynamic/rounds"] = rounds
+        return (*self._assemble(kept, dropped, stats), everything, stats)
+
+    def _assemble(self, kept: list, dropped: list, stats: dict):
+        """Batch of exactly prompts_per_step groups, renumbered: kept groups first, then (if short)
+        dropped ones as zero-advantage padding. Returns (trajectories, zero-advantage groups)."""
+        P = self.cfg.rollout.prompts_per_step
         padded = max(0, P - len(kept))
         batch_groups = kept[:P] + dropped[:padded]
         zero_groups = {g for g, grp in enumerate(batch_groups) if g >= len(kept[:P]) or any(t.error for t in grp)}
@@ -283,20 +299,112 @@ class Controller:
             for t in grp:
                 t.group = g
                 batch.append(t)
-        stats["rollout/tokens_per_s"] = stats["rollout/generated_tokens"] / max(stats["rollout/wall_s"], 1e-9)
-        if a.dynamic_sampling:
-            stats.update({"dynamic/rounds": rounds, "dynamic/kept_groups": min(len(kept), P),
-                          "dynamic/dropped_groups": len(dropped), "dynamic/padded_groups": padded})
-        return batch, zero_groups, everything, stats
+        if self.cfg.algorithm.dynamic_sampling:
+            stats.update({"dynamic/kept_groups": min(len(kept), P), "dynamic/dropped_groups": len(dropped),
+                          "dynamic/padded_groups": padded})
+        return batch, zero_groups
+
+    # -- asynchronous modes ---------------------------------------------------------------------
+    def _stream_budget(self) -> int:
+        """Groups the producer may have started: enough for `max_staleness + 1` batches ahead of
+        the current policy version, plus every group dropped so far (they are replaced)."""
+        P = self.cfg.rollout.prompts_per_step
+        return (self.version + self.cfg.trainer.max_staleness + 1) * P + self._replaced_groups
+
+    def _next_stream_seed(self) -> int:
+        seed = self.cfg.seed * 1_000_003 + self.prompts_drawn
+        self.prompts_drawn += 1
+        return seed
+
+    def _collect_stream(self):
+        """Async mode: take finished groups (completion order) until a batch is full. Groups whose
+        oldest token is more than trainer.max_staleness versions behind the learner are dropped
+        (stale_policy=drop) or kept for importance-sampling correction (stale_policy=correct);
+        with dynamic sampling, groups without reward signal are dropped too. Dropped groups are
+        replaced by new ones."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        t, G, P = cfg.trainer, cfg.rollout.group_size, cfg.rollout.prompts_per_step
+        kept, no_signal, everything, stale = [], [], [], 0
+        while len(kept) < P:
+            grp = self.runner.take_group(timeout=cfg.trainer.wait_timeout_s)
+            everything += grp
+            self._check_errors(grp)
+            if group_staleness(grp, self.version) > t.max_staleness and t.stale_policy == "drop":
+                stale += 1
+                self._replaced_groups += 1
+                self.runner.notify()
+                continue
+            if a.dynamic_sampling and not (bool(groups_with_signal(self._shaped_rewards(grp), G)[0])
+                                           and not any(tr.error for tr in grp)):
+                no_signal.append(grp)
+                self._replaced_groups += 1
+                self.runner.notify()
+                continue
+            kept.append(grp)
+        stats = self.runner.take_stream_stats(everything)
+        self._log_env_errors()
+        self.runner.errors = []
+        stats["async/stale_groups_dropped"] = stale
+        return (*self._assemble(kept, no_signal, stats), everything, stats)
+
+    def _sync_weights(self, interrupt: bool) -> dict:
+        import ray
+
+        t0 = time.perf_counter()
+        sync = ray.get([x.push_weights.remote(self.engines, self.version, self.cfg.learner.sync_bucket_mb, interrupt)
+                        for x in self.learners])[0]
+        self.engine_version = self.version
+        return {**sync, "timing/sync_s": time.perf_counter() - t0}
 
     def train_step(self) -> dict:
+        """One training step in the configured trainer.mode:
+        sync          rollout -> update -> weight sync (samples of step k come from version k);
+        one_step_off  the rollout of step k+1 runs (on version k) while step k trains;
+        async         groups stream in continuously; after each update the weights go to the
+                      engines mid-flight (partial rollouts) and samples are at most
+                      trainer.max_staleness versions old."""
+        mode = self.cfg.trainer.mode
+        t0 = time.perf_counter()
+        if mode == "sync":
+            collected = self._collect()
+            t_rollout = time.perf_counter() - t0
+            metrics = self._learn(*collected)
+            sync = self._sync_weights(False) if metrics["policy/trained"] else {"timing/sync_s": 0.0}
+        elif mode == "one_step_off":
+            if self._pending is None:
+                self._pending = self._executor.submit(self._collect)
+            collected = self._pending.result()
+            t_rollout = time.perf_counter() - t0  # time spent waiting for the rollout
+            sync = {"timing/sync_s": 0.0}
+            if self.engine_version < self.version:  # engines idle now: bring them to the learner's version
+                sync = self._sync_weights(False)
+            self._pending = self._executor.submit(self._collect) if self.step + 1 < self.cfg.steps else None
+            metrics = self._learn(*collected)
+        else:  # async
+            if not self._streaming:
+                self.runner.start_stream(self._next_stream_seed, self._stream_budget)
+                self._streaming = True
+            collected = self._collect_stream()
+            t_rollout = time.perf_counter() - t0
+            metrics = self._learn(*collected)
+            sync = {"timing/sync_s": 0.0}
+            if metrics["policy/trained"]:
+                sync = self._sync_weights(True)
+                self.runner.notify()  # the budget grew with the version
+        metrics.update(sync)
+        metrics["timing/rollout_s"] = t_rollout  # in the overlapped modes: time waiting for rollouts
+        metrics["timing/step_s"] = time.perf_counter() - t0
+        self.step += 1
+        return metrics
+
+    def _learn(self, trajs, zero_groups, sampled, rollout_stats) -> dict:
+        """Score, compute advantages, update the policy (and critic); returns the step's metrics
+        (the weight sync is the caller's)."""
         import ray
 
         cfg, a = self.cfg, self.cfg.algorithm
         G = cfg.rollout.group_size
         t0 = time.perf_counter()
-        trajs, zero_groups, sampled, rollout_stats = self._collect()
-        t_rollout = time.perf_counter() - t0
 
         rewards = self._shaped_rewards(trajs)
         batch = collate(trajs, self.tokenizer.pad_token_id)
@@ -324,6 +432,10 @@ class Controller:
         for g in zero_groups:
             adv[g * G:(g + 1) * G] = 0.0
         batch.update(old_logprobs=old_lp, advantages=adv)
+        if a.is_correction != "none":
+            batch["is_weights"], is_stats = importance_weights(old_lp, batch["behaviour_logprobs"], batch["loss_mask"],
+                                                               a.is_correction, a.is_cap)
+            adv_stats.update(is_stats)
         if ref_lp is not None and not a.kl_in_reward:
             batch["ref_logprobs"] = ref_lp
         if self.critic:
@@ -338,22 +450,19 @@ class Controller:
         if critic_refs:
             stats.update(ray.get(critic_refs)[0])
         t_train = time.perf_counter() - t2
-        t3 = time.perf_counter()
-        sync = {}
+        learner_version = self.version
         if train_policy:
             self.version += 1
-            sync = ray.get([x.push_weights.remote(self.engines, self.version, cfg.learner.sync_bucket_mb)
-                            for x in self.learners])[0]
-        t_sync = time.perf_counter() - t3
-
         ok = [t for t in sampled if not t.error] or sampled
         rewards_ok = torch.tensor([t.reward for t in ok])
-        behaviour_versions = {v for t in trajs for v in t.versions if v >= 0}
+        behaviour_versions = [v for t in trajs for v in t.versions if v >= 0]
+        staleness = [learner_version - v for v in behaviour_versions] or [0]
         metrics = {
             "step": self.step,
             "policy/version": self.version,
             "policy/trained": int(train_policy),
             "rollout/policy_version": max(behaviour_versions) if behaviour_versions else -1,
+            "async/staleness_max": max(staleness), "async/staleness_mean": statistics.mean(staleness),
             "reward/mean": float(rewards_ok.mean()),  # over every sampled episode of the step
             "reward/std": float(rewards_ok.std()) if len(ok) > 1 else 0.0,
             "reward/max": float(rewards_ok.max()),
@@ -363,11 +472,10 @@ class Controller:
             "response/mean_tokens": statistics.mean(t.num_policy_tokens for t in trajs),
             "response/stop_frac": statistics.mean(t.finish_reason == "stop" for t in trajs),
             "response/truncated_frac": statistics.mean(t.finish_reason in ("length", "context") for t in trajs),
-            "timing/rollout_s": t_rollout, "timing/score_s": t_score, "timing/train_s": t_score + t_train,
-            "timing/update_s": t_train, "timing/sync_s": t_sync, "timing/step_s": time.perf_counter() - t0,
-            **rollout_stats, **adv_stats, **stats, **sync,
+            "timing/score_s": t_score, "timing/train_s": t_score + t_train, "timing/update_s": t_train,
+            "timing/learn_s": time.perf_counter() - t0,
+            **rollout_stats, **adv_stats, **stats,
         }
-        self.step += 1
         return metrics
 
     def _log_env_errors(self) -> None:
@@ -382,6 +490,11 @@ class Controller:
     def close(self) -> None:
         import ray
 
+        if self._streaming:
+            self.runner.stop_stream()
+        if self._pending is not None:
+            self._pending.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self._started:
             for h in self.engines + self.learners + self.critic + ([self.ref] if self.ref is not None else []):
                 try:

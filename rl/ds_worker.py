@@ -22,6 +22,7 @@ class LearnerSettings:
     logprob_chunk_tokens: int = 4096
     gradient_checkpointing: bool = False
     num_threads: int = 1
+    cpus: str | None = None  # CPU cores for this rank on CPU machines (e.g. "1"); None: no pinning
     seed: int = 0
     ds_extra: dict = field(default_factory=dict)
 
@@ -71,6 +72,10 @@ class DeepSpeedWorker:
         load_algorithm_plugins()  # plugin policy losses must be registered in this process too
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+        if settings.cpus and not torch.cuda.is_available():
+            from rollout.engine import pin_to_cpus
+
+            pin_to_cpus(settings.cpus)
         torch.set_num_threads(settings.num_threads)
         torch.manual_seed(settings.seed)
         import deepspeed

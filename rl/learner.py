@@ -100,7 +100,8 @@ class Learner(DeepSpeedWorker):
                     clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg, num_tokens=num_tokens,
                     num_seqs=num_seqs, norm_tokens=a.loss_norm_tokens, ref_logprobs=mb.get("ref_logprobs"),
                     kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
-                    entropy=ent.float() if ent is not None else None, entropy_coef=a.entropy_coef)
+                    entropy=ent.float() if ent is not None else None, entropy_coef=a.entropy_coef,
+                    is_weights=mb.get("is_weights"))
                 self.engine.backward(loss * self.loss_scale)
                 self.engine.step()
                 n = float(mb["loss_mask"].sum())
@@ -141,7 +142,7 @@ class Learner(DeepSpeedWorker):
             for n, p in module.named_parameters():
                 yield n, (p.data.detach().to("cpu", copy=True) if self.rank == 0 else None)
 
-    def push_weights(self, engines: list, version: int, bucket_mb: float = 64.0) -> dict:
+    def push_weights(self, engines: list, version: int, bucket_mb: float = 64.0, interrupt: bool = False) -> dict:
         """Stream weights to every engine in buckets of at most `bucket_mb` MiB, then commit.
         Tensors travel in the learner's dtype and vLLM casts them: pre-casting fp32 to bf16 would
         round parameters the engine keeps in fp32 (e.g. GDN's A_log)."""
@@ -172,8 +173,9 @@ class Learner(DeepSpeedWorker):
             return {}
         flush()
         ray.get(refs)
-        commits = ray.get([e.commit_weights.remote(version) for e in engines])
+        commits = ray.get([e.commit_weights.remote(version, interrupt) for e in engines])
         return {"sync/bytes": total, "sync/buckets": n_buckets, "sync/engine_load_s": max(c["load_s"] for c in commits),
+                "sync/inflight_requests": sum(c["inflight_at_commit"] for c in commits),
                 "sync/s": time.perf_counter() - t0}
 
     def hf_state_dict(self) -> dict:

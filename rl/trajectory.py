@@ -22,11 +22,15 @@ class Trajectory:
     error: str | None = None
     info: dict = field(default_factory=dict)
 
-    def add_policy_tokens(self, ids: list[int], logprobs: list[float], version: int) -> None:
+    def add_policy_tokens(self, ids: list[int], logprobs: list[float], version: int | list[int]) -> None:
+        """`version`: one policy version for all `ids`, or one per token (partial rollouts)."""
+        versions = list(version) if isinstance(version, (list, tuple)) else [version] * len(ids)
+        if not len(versions) == len(ids) == len(logprobs):
+            raise ValueError(f"{len(ids)} tokens, {len(logprobs)} logprobs and {len(versions)} versions")
         self.response_ids += ids
         self.loss_mask += [1] * len(ids)
         self.behaviour_logprobs += logprobs
-        self.versions += [version] * len(ids)
+        self.versions += versions
 
     def add_env_tokens(self, ids: list[int]) -> None:
         self.response_ids += ids
@@ -35,8 +39,21 @@ class Trajectory:
         self.versions += [-1] * len(ids)
 
     @property
+    def min_version(self) -> int:
+        """Oldest policy version among the sampled tokens (-1 if none)."""
+        pol = [v for v in self.versions if v >= 0]
+        return min(pol) if pol else -1
+
+    @property
     def num_policy_tokens(self) -> int:
         return sum(self.loss_mask)
+
+
+def group_staleness(group: list[Trajectory], learner_version: int) -> int:
+    """How many policy versions the oldest sampled token of the group is behind the learner (0 if
+    the group has no sampled tokens)."""
+    oldest = min((t.min_version for t in group if t.min_version >= 0), default=learner_version)
+    return learner_version - oldest
 
 
 def collate(trajs: list[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:

@@ -26,7 +26,26 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
-    version: int
+    version: int  # the version that sampled the first token
+    versions: list[int] = field(default_factory=list)  # per token (differs after a mid-request update)
+
+
+@dataclass
+class _Stream:
+    """A request's tokens as its deltas arrive, each tagged with the policy version that sampled it."""
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    versions: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, out, version: int) -> None:
+        c = out.outputs[0]
+        ids = list(c.token_ids)
+        self.token_ids += ids
+        self.logprobs += [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)] if c.logprobs else []
+        self.versions += [version] * len(ids)
+        if out.finished:
+            self.finish_reason = c.finish_reason or "stop"
 
 
 @dataclass
@@ -39,7 +58,28 @@ class EngineConfig:
     enforce_eager: bool = True
     enable_prefix_caching: bool = False
     backend: str = "auto"  # auto | inproc | async
+    cpus: str | None = None  # CPU cores for the engine (e.g. "0" or "0-3"); None: vLLM's default binding
     extra: dict = field(default_factory=dict)
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """"0,2-3" -> {0, 2, 3}."""
+    out: set[int] = set()
+    for part in str(spec).split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def pin_to_cpus(spec: str) -> set[int]:
+    """Restrict this process's current thread (and threads it starts later) to these cores."""
+    cpus = parse_cpus(spec)
+    missing = cpus - os.sched_getaffinity(0)
+    if missing:
+        raise ValueError(f"CPU cores {sorted(missing)} (from {spec!r}) are not available to this process; "
+                         f"available: {sorted(os.sched_getaffinity(0))}")
+    os.sched_setaffinity(0, cpus)
+    return cpus
 
 
 def _on_gpu() -> bool:
@@ -66,13 +106,15 @@ def pick_engine_dtype(model_path: str, dtype: str) -> str:
 
 
 def _sampling_params(max_tokens: int, temperature: float, top_p: float, seed: int | None,
-                     stop_token_ids: list[int] | None, n: int = 1):
+                     stop_token_ids: list[int] | None, n: int = 1, ignore_eos: bool = False):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    # DELTA: tokens are collected as each engine step makes them, so each is tagged with the policy
+    # version current at that step (a weight update may land in the middle of a request).
     return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                          seed=seed, stop_token_ids=stop_token_ids, detokenize=False,
-                          output_kind=RequestOutputKind.FINAL_ONLY)
+                          seed=seed, stop_token_ids=stop_token_ids, detokenize=False, ignore_eos=ignore_eos,
+                          output_kind=RequestOutputKind.DELTA)
 
 
 def _score_params():
@@ -85,12 +127,17 @@ def _score_params():
 
 class _InprocBackend:
     """One thread owns vLLM's `LLMEngine`: it adds queued requests between engine steps and runs
-    control calls (weight loads) only when no request is in flight."""
+    control calls (weight loads) when no request is in flight, or, for `interrupt` calls, between
+    two engine steps while requests are in flight (partial rollouts: they continue on the new
+    weights, and their later tokens carry the new version)."""
 
     def __init__(self, llm_kwargs: dict):
         self._q: queue.Queue = queue.Queue()
         self._waiting: dict[str, Future] = {}
+        self._streams: dict[str, _Stream] = {}
         self._calls: list[tuple[Callable, Future]] = []
+        self._interrupts: list[tuple[Callable, Future]] = []
+        self.version = 0  # read and written on the engine thread only (after construction)
         self._ids = itertools.count()
         self._dead: BaseException | None = None
         started: Future = Future()
@@ -102,9 +149,10 @@ class _InprocBackend:
     def submit(self, prompt_ids: list[int], params) -> Future:
         return self._put("add", (prompt_ids, params))
 
-    def call(self, fn: Callable) -> Future:
-        """Run fn(llm) on the engine thread once no request is in flight."""
-        return self._put("call", fn)
+    def call(self, fn: Callable, interrupt: bool = False) -> Future:
+        """Run fn(llm) on the engine thread once no request is in flight (interrupt=False) or
+        before the next engine step (interrupt=True)."""
+        return self._put("interrupt" if interrupt else "call", fn)
 
     def _put(self, kind: str, payload) -> Future:
         fut: Future = Future()
@@ -128,17 +176,19 @@ class _InprocBackend:
             self._serve(engine)
         except BaseException as e:  # noqa: BLE001 - the engine is gone: fail everything, now and later
             self._dead = e
-            for fut in list(self._waiting.values()) + [f for _, f in self._calls]:
+            for fut in list(self._waiting.values()) + [f for _, f in self._calls + self._interrupts]:
                 if not fut.done():
                     fut.set_exception(e)
             while not self._q.empty():
                 self._q.get_nowait()[2].set_exception(e)
 
     def _serve(self, engine) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
         while True:
             busy = engine.has_unfinished_requests()
             try:
-                items = [self._q.get(block=not busy and not self._calls)]
+                items = [self._q.get(block=not busy and not self._calls and not self._interrupts)]
             except queue.Empty:
                 items = []
             while True:
@@ -152,10 +202,17 @@ class _InprocBackend:
                     try:
                         engine.add_request(rid, {"prompt_token_ids": payload[0]}, payload[1])
                         self._waiting[rid] = fut
+                        if payload[1].output_kind == RequestOutputKind.DELTA:
+                            self._streams[rid] = _Stream()
                     except Exception as e:  # noqa: BLE001 - e.g. prompt longer than max_model_len
                         fut.set_exception(e)
+                elif kind == "interrupt":
+                    self._interrupts.append((payload, fut))
                 else:
                     self._calls.append((payload, fut))
+            if self._interrupts:
+                self._run_calls(self._interrupts)
+                self._interrupts = []
             if engine.has_unfinished_requests():
                 try:
                     outs = engine.step()
@@ -163,21 +220,29 @@ class _InprocBackend:
                     for fut in self._waiting.values():
                         fut.set_exception(e)
                     self._waiting.clear()
+                    self._streams.clear()
                     if self._abort_all(engine):
                         continue
                     raise
                 for out in outs:
+                    stream = self._streams.get(out.request_id)
+                    if stream is not None:
+                        stream.add(out, self.version)
                     if out.finished:
                         fut = self._waiting.pop(out.request_id, None)
+                        self._streams.pop(out.request_id, None)
                         if fut is not None:
-                            fut.set_result(out)
+                            fut.set_result(stream if stream is not None else out)
             elif self._calls:
-                for fn, fut in self._calls:
-                    try:
-                        fut.set_result(fn(self.llm))
-                    except Exception as e:  # noqa: BLE001
-                        fut.set_exception(e)
+                self._run_calls(self._calls)
                 self._calls = []
+
+    def _run_calls(self, calls) -> None:
+        for fn, fut in calls:
+            try:
+                fut.set_result(fn(self))
+            except Exception as e:  # noqa: BLE001
+                fut.set_exception(e)
 
     @staticmethod
     def _abort_all(engine) -> bool:
@@ -192,13 +257,19 @@ class _InprocBackend:
     async def generate(self, prompt_ids: list[int], params):
         return await asyncio.wrap_future(self.submit(prompt_ids, params))
 
-    async def collective_rpc(self, method: str, args: tuple):
-        def fn(llm):
-            out = llm.collective_rpc(method, args=args)
-            llm.reset_prefix_cache()
+    async def collective_rpc(self, method: str, args: tuple, version: int | None = None, interrupt: bool = False):
+        """Run a worker method on the engine thread; with `version`, adopt it in the same critical
+        section (so every later token carries it)."""
+        def fn(backend):
+            out = backend.llm.collective_rpc(method, args=args)
+            # After a mid-flight update, running requests are preempted and their KV (and Gated
+            # DeltaNet state) recomputed with the new weights before they continue.
+            backend.llm.reset_prefix_cache(reset_running_requests=interrupt)
+            if version is not None:
+                backend.version = version
             return out
 
-        return await asyncio.wrap_future(self.call(fn))
+        return await asyncio.wrap_future(self.call(fn, interrupt))
 
 
 class _AsyncLLMBackend:
@@ -210,14 +281,34 @@ class _AsyncLLMBackend:
 
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**llm_kwargs))
         self._ids = itertools.count()
+        self.version = 0
 
     async def generate(self, prompt_ids: list[int], params):
-        final = None
+        from vllm.sampling_params import RequestOutputKind
+
+        final, stream = None, _Stream()
         async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=str(next(self._ids))):
             final = out
-        return final
+            if params.output_kind == RequestOutputKind.DELTA:
+                stream.add(out, self.version)
+        return stream if params.output_kind == RequestOutputKind.DELTA else final
 
-    async def collective_rpc(self, method: str, args: tuple):
+    async def collective_rpc(self, method: str, args: tuple, version: int | None = None, interrupt: bool = False):
+        """With `interrupt`, requests in flight are paused (kept) around the update and continue
+        on the new weights; the version is adopted before they resume."""
+        if interrupt:
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            out = await self._rpc(method, args)
+            await self.llm.reset_prefix_cache(reset_running_requests=interrupt)
+            if version is not None:
+                self.version = version
+        finally:
+            if interrupt:
+                await self.llm.resume_generation()
+        return out
+
+    async def _rpc(self, method: str, args: tuple):
         if method == "load_hf_weights":
             # Tensors cannot travel through vLLM's engine-core -> worker RPC (it cannot pickle the
             # zero-copy buffers it decodes), so they go through a file in shared memory.
@@ -229,12 +320,8 @@ class _AsyncLLMBackend:
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             with tempfile.NamedTemporaryFile(suffix=".safetensors", dir=shm) as f:
                 save_file(_unshared(args[0]), f.name)
-                out = await self.llm.collective_rpc("load_hf_weights_from_file", args=(f.name,))
-            await self.llm.reset_prefix_cache()
-            return out
-        out = await self.llm.collective_rpc(method, args=args)
-        await self.llm.reset_prefix_cache()
-        return out
+                return await self.llm.collective_rpc("load_hf_weights_from_file", args=(f.name,))
+        return await self.llm.collective_rpc(method, args=args)
 
 
 def _unshared(named: list) -> dict:
@@ -258,6 +345,9 @@ class VLLMEngine:
         if self.backend_name not in ("inproc", "async"):
             raise ValueError(f"rollout.engine_backend={cfg.backend!r}; use auto, inproc or async")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.backend_name == "async" else "0"
+        if cfg.cpus and not _on_gpu():  # vLLM binds its OpenMP threads to these cores
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpus
+            pin_to_cpus(cfg.cpus)
         self.version = 0
         self._pending: list[tuple[str, Any]] = []
         self._pending_version: int | None = None
@@ -276,20 +366,17 @@ class VLLMEngine:
     # -- generation ---------------------------------------------------------------------------
     async def generate_one(self, prompt_ids: list[int], max_tokens: int, temperature: float = 1.0,
                            top_p: float = 1.0, seed: int | None = None,
-                           stop_token_ids: list[int] | None = None) -> Completion:
+                           stop_token_ids: list[int] | None = None, ignore_eos: bool = False) -> Completion:
         """One completion of `prompt_ids` with the logprob of every sampled token and the policy
-        version that produced it."""
-        version = self.version
+        version that sampled each one (ignore_eos: always generate max_tokens, for benchmarks)."""
         self.inflight += 1
         try:
-            out = await self.backend.generate(
-                prompt_ids, _sampling_params(max_tokens, temperature, top_p, seed, stop_token_ids))
+            st = await self.backend.generate(
+                prompt_ids, _sampling_params(max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos=ignore_eos))
         finally:
             self.inflight -= 1
-        c = out.outputs[0]
-        ids = list(c.token_ids)
-        lps = [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)]
-        return Completion(ids, lps, c.finish_reason or "stop", version)
+        first = st.versions[0] if st.versions else self.version
+        return Completion(st.token_ids, st.logprobs, st.finish_reason or "stop", first, st.versions)
 
     async def generate(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
                        top_p: float = 1.0, seed: int | None = None,
@@ -319,17 +406,23 @@ class VLLMEngine:
         self._pending.extend(bucket)
         return len(bucket)
 
-    async def commit_weights(self, version: int) -> dict:
-        """Load all buffered buckets (once in-flight requests finish), reset the prefix cache,
-        and adopt `version`."""
+    async def commit_weights(self, version: int, interrupt: bool = False) -> dict:
+        """Load all buffered buckets, reset the prefix cache, and adopt `version`: once in-flight
+        requests finish (interrupt=False), or between two engine steps while they continue on the
+        new weights (interrupt=True: partial rollouts; their later tokens carry `version`)."""
         if self._pending_version != version:
             raise RuntimeError(f"commit of version {version} without its buckets (have {self._pending_version})")
         t0 = time.perf_counter()
         named = self._pending
         self._pending, self._pending_version = [], None
-        loaded = await self.backend.collective_rpc("load_hf_weights", (named,))
+        inflight = self.inflight
+        loaded = await self.backend.collective_rpc("load_hf_weights", (named,), version=version, interrupt=interrupt)
         self.version = version
-        return {"tensors": loaded[0], "load_s": time.perf_counter() - t0}
+        return {"tensors": loaded[0], "load_s": time.perf_counter() - t0, "inflight_at_commit": inflight}
+
+    async def named_weights(self) -> dict:
+        """The engine's parameters in vLLM's layout (tests: exact weight comparisons)."""
+        return (await self.backend.collective_rpc("named_weights", ()))[0]
 
     async def get_version(self) -> int:
         return self.version

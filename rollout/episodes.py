@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import queue
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from rl.trajectory import Trajectory
 from rollout.env_pool import EnvFailure, EnvPool
@@ -110,24 +113,90 @@ class EpisodeRunner:
     async def run_async(self, seeds: list[int]) -> list[Trajectory]:
         t0 = time.perf_counter()
         G = self.s.group_size
-        self._counts = {"errors": 0, "retries": 0, "gen_tokens": 0, "gen_s": 0.0, "live": 0, "max_live": 0}
-        self.errors = []
+        self._reset_counts()
         limit = asyncio.Semaphore(self.s.max_inflight)
         trajs = await asyncio.gather(*[self._episode(slot, seeds[slot // G], slot // G, limit)
                                        for slot in range(len(seeds) * G)])
-        wall = time.perf_counter() - t0
+        self.stats = self._stats(trajs, time.perf_counter() - t0)
+        return trajs
+
+    def _reset_counts(self) -> None:
+        self._counts = {"errors": 0, "retries": 0, "gen_tokens": 0, "gen_s": 0.0, "live": 0, "max_live": 0}
+        self.errors = []
+
+    def _stats(self, trajs: list[Trajectory], wall: float) -> dict:
         c = self._counts
         failed_groups = {t.group for t in trajs if t.error}
         per_turn = [r for t in trajs if not t.error for r in t.turn_rewards]
-        self.stats = {
+        return {
             "rollout/episodes": len(trajs), "env/errors": c["errors"], "env/retries": c["retries"],
             "env/failed_episodes": sum(t.error is not None for t in trajs), "env/failed_groups": len(failed_groups),
             "env/actor_restarts": self.pool.stats["actor_restarts"], "rollout/max_live_episodes": c["max_live"],
             "rollout/generated_tokens": c["gen_tokens"], "rollout/tokens_per_s": c["gen_tokens"] / max(wall, 1e-9),
-            "rollout/wall_s": wall, "episode/turns_mean": sum(t.turns for t in trajs) / len(trajs),
+            "rollout/wall_s": wall, "episode/turns_mean": sum(t.turns for t in trajs) / max(len(trajs), 1),
             "reward/turn_mean": sum(per_turn) / len(per_turn) if per_turn else 0.0,
         }
-        return trajs
+
+    # -- streaming (asynchronous training) -------------------------------------------------------
+    def start_stream(self, next_seed: Callable[[], int], budget: Callable[[], int]) -> None:
+        """Produce groups continuously on a background thread: a new group starts whenever fewer
+        than `budget()` groups have been started (the trainer raises the budget as the policy
+        version advances, which bounds staleness). Finished groups are taken with `take_groups`."""
+        self._out: queue.Queue = queue.Queue()
+        self._stopping = False
+        self._thresholds = gc.get_threshold()
+        gc.set_threshold(100_000, 50, 1000)
+        self._reset_counts()
+        self._stream_t0 = time.perf_counter()
+        self._stream_thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="rollout-stream")
+        self._stream_thread.start()
+        self._producer = asyncio.run_coroutine_threadsafe(self._produce(next_seed, budget), self._loop)
+
+    async def _produce(self, next_seed: Callable[[], int], budget: Callable[[], int]) -> None:
+        self._wake = asyncio.Event()
+        limit = asyncio.Semaphore(self.s.max_inflight)
+        started = 0
+        while not self._stopping:
+            while started < budget() and not self._stopping:
+                task = asyncio.ensure_future(self._group(next_seed(), started, limit))
+                task.add_done_callback(lambda t: self._out.put(t.exception() or t.result()))
+                started += 1
+            await self._wake.wait()
+            self._wake.clear()
+
+    async def _group(self, seed: int, group: int, limit: asyncio.Semaphore) -> list[Trajectory]:
+        G = self.s.group_size
+        return list(await asyncio.gather(*[self._episode(group * G + j, seed, group, limit) for j in range(G)]))
+
+    def notify(self) -> None:
+        """The budget changed: let the producer start more groups."""
+        self._loop.call_soon_threadsafe(lambda: self._wake.set() if hasattr(self, "_wake") else None)
+
+    def take_group(self, timeout: float | None = None) -> list[Trajectory]:
+        """The next finished group (in completion order); re-raises a producer failure."""
+        item = self._out.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def take_stream_stats(self, trajs: list[Trajectory]) -> dict:
+        """Counters since the last call (for the trajectories taken in between)."""
+        wall = time.perf_counter() - self._stream_t0
+        stats = self._stats(trajs, wall)
+        c = self._counts
+        c.update({"errors": 0, "retries": 0, "gen_tokens": 0, "max_live": c["live"]})
+        self._stream_t0 = time.perf_counter()
+        return stats
+
+    def stop_stream(self) -> None:
+        if getattr(self, "_stream_thread", None) is None:
+            return
+        self._stopping = True
+        self.notify()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._stream_thread.join(timeout=10)
+        self._stream_thread = None
+        gc.set_threshold(*self._thresholds)
 
     async def _episode(self, slot: int, seed: int, group: int, limit: asyncio.Semaphore) -> Trajectory:
         last_error = ""
@@ -171,7 +240,7 @@ class EpisodeRunner:
             c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p)
             self._counts["gen_s"] += time.perf_counter() - tg
             self._counts["gen_tokens"] += len(c.token_ids)
-            tr.add_policy_tokens(list(c.token_ids), list(c.logprobs), c.version)
+            tr.add_policy_tokens(list(c.token_ids), list(c.logprobs), c.versions or c.version)
             tr.finish_reason = c.finish_reason
             action = self.tok.decode(c.token_ids, skip_special_tokens=True)
             obs, reward, terminated, truncated, step_info = await self.pool.step(handle, action)

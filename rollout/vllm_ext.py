@@ -42,6 +42,11 @@ class WeightSyncExtension:
 
         return self.load_hf_weights(load_file(path).items())
 
+    def named_weights(self) -> dict:
+        """A copy of every engine parameter, in vLLM's own (fused, processed) layout: for tests
+        that compare two engines' weights exactly. Small models only."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model_runner.model.named_parameters()}
+
     def _refresh_tied_lm_head(self) -> None:
         """With tied embeddings no `lm_head.*` weight is loaded, so a layerwise reload leaves the LM
         head's processed kernel (on CPU: a prepacked copy of the *old* embedding) stale. Re-tie it

@@ -856,3 +856,43 @@ def test_builtin_registries():
     assert {"grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"} <= set(ADVANTAGE_ESTIMATORS)
     assert {"ppo_clip", "gspo"} <= set(POLICY_LOSSES)
     assert {"k1", "k2", "k3"} <= set(KL_ESTIMATORS)
+
+
+# -- off-policy correction (rl/algorithms/importance.py) -------------------------------------------
+def test_is_weights_are_one_when_behaviour_equals_learner():
+    from rl.algorithms import importance_weights
+
+    lp = torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.float32)
+    for mode in ("tis", "mis"):
+        w, st = importance_weights(lp, lp.clone(), mask, mode, cap=2.0)
+        assert torch.equal(w, mask) and st["is/mean"] == 1.0 and st["is/clipped_frac"] == 0.0
+
+
+def test_tis_truncates_and_mis_masks_hand_computed():
+    from rl.algorithms import importance_weights
+
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    beh = torch.tensor([[0.0, -math.log(3.0), math.log(2.0)]])  # w = 1, 3, 0.5
+    mask = torch.ones(1, 3)
+    w, st = importance_weights(old, beh, mask, "tis", cap=2.0)
+    assert w.tolist()[0] == pytest.approx([1.0, 2.0, 0.5])
+    assert st["is/mean"] == pytest.approx((1 + 3 + 0.5) / 3) and st["is/clipped_frac"] == pytest.approx(1 / 3)
+    assert st["is/max"] == pytest.approx(3.0)
+    w, _ = importance_weights(old, beh, mask, "mis", cap=2.0)
+    assert w.tolist()[0] == pytest.approx([1.0, 0.0, 0.5])
+    w, st = importance_weights(old, beh, mask, "none", cap=2.0)
+    assert w.tolist()[0] == [1.0, 1.0, 1.0] and st["is/clipped_frac"] == 0.0
+    with pytest.raises(ValueError, match="tis"):
+        importance_weights(old, beh, mask, "bad")
+
+
+def test_is_weights_scale_the_policy_loss_per_token():
+    from rl.algorithms import policy_objective
+
+    lp = torch.zeros(1, 2, requires_grad=True)
+    adv, mask = torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    loss, _ = policy_objective(lp, lp.detach(), adv, mask, is_weights=torch.tensor([[2.0, 0.0]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0)  # -(2*1 + 0*1) / 2
+    assert lp.grad.tolist() == [[-1.0, 0.0]]

@@ -45,6 +45,17 @@ def test_unknown_loss_aggregation(tmp_path):
     assert "algorithm.loss_agg='token_mean'" in line and "seq-mean-token-mean" in line
 
 
+def test_unknown_trainer_mode(tmp_path):
+    line = error_line(run_cli(tmp_path, "trainer.mode=fast"))
+    assert "trainer.mode='fast'" in line and "one_step_off" in line and "async" in line
+
+
+def test_stale_correction_without_importance_sampling(tmp_path):
+    line = error_line(run_cli(tmp_path, "trainer.mode=async", "trainer.stale_policy=correct",
+                              "algorithm.is_correction=none"))
+    assert "algorithm.is_correction=none" in line and "tis" in line
+
+
 def test_missing_checkpoint_path(tmp_path):
     line = error_line(run_cli(tmp_path, f"policy.path={tmp_path / 'nope'}"))
     assert "does not exist" in line and "HF checkpoint folder" in line

@@ -7,6 +7,7 @@ entry-point group `rl.algorithms` (imported at start by `load_algorithm_plugins`
 from rl.algorithms.advantages import (ADVANTAGE_ESTIMATORS, NEEDS_CRITIC, AdvantageInputs, AdvantageParams,
                                       discounted_returns, gae, group_normalized_advantages,
                                       last_token_rewards, leave_one_out_advantages, register_advantage, whiten)
+from rl.algorithms.importance import IS_MODES, importance_weights
 from rl.algorithms.kl import KL_ESTIMATORS, kl_estimate, kl_reward_penalty, register_kl_estimator
 from rl.algorithms.losses import (LOSS_AGGREGATIONS, POLICY_LOSSES, aggregate, gspo, masked_mean, ppo_clip,
                                   ppo_clip_loss, register_policy_loss, value_loss)
@@ -42,4 +43,5 @@ __all__ = [
     "value_loss", "aggregate", "kl_estimate", "kl_reward_penalty", "masked_mean", "policy_objective",
     "value_objective", "compute_advantages", "overlong_penalty", "groups_with_signal",
     "register_advantage", "register_policy_loss", "register_kl_estimator", "load_algorithm_plugins",
+    "IS_MODES", "importance_weights",
 ]

@@ -15,16 +15,19 @@ def policy_objective(
     policy_loss: str = "ppo_clip", clip_low: float = 0.2, clip_high: float = 0.2, loss_agg: str = "token-mean",
     num_tokens: Optional[float] = None, num_seqs: Optional[float] = None, norm_tokens: Optional[float] = None,
     ref_logprobs: Optional[torch.Tensor] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-    entropy: Optional[torch.Tensor] = None, entropy_coef: float = 0.0,
+    entropy: Optional[torch.Tensor] = None, entropy_coef: float = 0.0, is_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
     """loss = agg(policy_loss) + kl_coef·agg(KL(π‖π_ref)) - entropy_coef·agg(H). The KL term is only
     added when `ref_logprobs` is given (KL as a loss; KL as a reward penalty enters the advantages
-    instead). Returns (loss, stats) with stats as floats."""
+    instead). `is_weights` [B, T] (off-policy correction, rl/algorithms/importance.py) multiply the
+    policy loss per token. Returns (loss, stats) with stats as floats."""
     if policy_loss not in POLICY_LOSSES:
         raise ValueError(f"unknown policy loss {policy_loss!r}; available: {', '.join(sorted(POLICY_LOSSES))}")
     agg = dict(mode=loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_tokens=norm_tokens)
     per_token, st = POLICY_LOSSES[policy_loss](logprobs, old_logprobs, advantages, mask,
                                                 clip_low=clip_low, clip_high=clip_high)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     pg = aggregate(per_token, mask, **agg)
     loss = pg
     stats = {"pg_loss": pg.item(), **st}
