@@ -68,6 +68,9 @@ class LearnerConfig:
     num_threads: int = 1
     cpus: Optional[str] = None  # CPU machines: pin each learner rank to these cores, e.g. "1" (null: no pinning)
     sync_bucket_mb: float = 64.0
+    # object_store: buckets through Ray's shared-memory object store (at most 2 in flight);
+    # broadcast: a process group of learner rank 0 and the engine workers (gloo on CPU, NCCL on GPU)
+    sync_transport: str = "object_store"
     ds_extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -194,6 +197,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"learner.zero_stage={l.zero_stage}; use 0, 1, 2 or 3")
     validate_algorithm(cfg)
     t = cfg.trainer
+    if cfg.learner.sync_transport not in ("object_store", "broadcast"):
+        raise ValueError(f"learner.sync_transport={cfg.learner.sync_transport!r}; use object_store or broadcast")
     if t.mode not in ("sync", "one_step_off", "async"):
         raise ValueError(f"trainer.mode={t.mode!r}; use sync, one_step_off or async")
     if t.max_staleness < 0:

@@ -185,6 +185,8 @@ class Controller:
                 self.policy_path, l.dtype, l.micro_batch_size, l.logprob_chunk_tokens, l.num_threads)
             waits.append(self.ref.ready.remote())
         ray.get([e.ready.remote() for e in self.engines] + waits)
+        if l.sync_transport == "broadcast":
+            ray.get([x.init_transfer.remote(self.engines) for x in self.learners])
         self.runner = EpisodeRunner(self.env_pool, self.engines, self.tokenizer, RolloutSettings(
             group_size=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
             max_turns=r.max_turns, max_context=r.max_model_len, max_retries=r.max_retries,
@@ -351,7 +353,8 @@ class Controller:
         import ray
 
         t0 = time.perf_counter()
-        sync = ray.get([x.push_weights.remote(self.engines, self.version, self.cfg.learner.sync_bucket_mb, interrupt)
+        push = "push_weights_broadcast" if self.cfg.learner.sync_transport == "broadcast" else "push_weights"
+        sync = ray.get([getattr(x, push).remote(self.engines, self.version, self.cfg.learner.sync_bucket_mb, interrupt)
                         for x in self.learners])[0]
         self.engine_version = self.version
         return {**sync, "timing/sync_s": time.perf_counter() - t0}

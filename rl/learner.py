@@ -30,6 +30,10 @@ class AlgoSettings:
     entropy_coef: float = 0.0
 
 
+def _out(p, copy: bool):
+    return p.data.detach().to("cpu", copy=True) if copy else p.data.detach()
+
+
 class Learner(DeepSpeedWorker):
     def __init__(self, model_path: str, settings: LearnerSettings, algo: AlgoSettings, rank: int = 0,
                  world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
@@ -121,9 +125,10 @@ class Learner(DeepSpeedWorker):
             stats["train/kl_ref"] = summed["kl_ref"] / max(summed["tokens"], 1.0)
         return stats
 
-    def iter_hf_weights(self):
+    def iter_hf_weights(self, copy: bool = True):
         """(name, tensor) in HF checkpoint names; every rank must iterate (ZeRO-3 gathers are
-        collective); tensors are returned on rank 0 only (others yield None)."""
+        collective); tensors are returned on rank 0 only (others yield None). copy=False yields the
+        (gathered) parameter itself, valid only until the next item: consume it at once."""
         module = self.engine.module
         if self.s.zero_stage == 3:
             import deepspeed
@@ -137,10 +142,67 @@ class Learner(DeepSpeedWorker):
                     for n, p in params:
                         seen.add(id(p))
                         full = f"{mod_name}.{n}" if mod_name else n
-                        yield full, (p.data.detach().to("cpu", copy=True) if self.rank == 0 else None)
+                        yield full, (_out(p, copy) if self.rank == 0 else None)
         else:
             for n, p in module.named_parameters():
-                yield n, (p.data.detach().to("cpu", copy=True) if self.rank == 0 else None)
+                yield n, (_out(p, copy) if self.rank == 0 else None)
+
+    def init_transfer(self, engines: list, backend: str | None = None) -> bool:
+        """Rank 0 forms a process group with every engine worker for broadcast weight sync
+        (`learner.sync_transport=broadcast`): gloo on CPU, NCCL on GPUs."""
+        if self.rank != 0:
+            return True
+        import socket
+
+        import ray
+
+        from rl.weight_transfer import init_group
+
+        backend = backend or ("nccl" if self.cuda else "gloo")
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        world = len(engines) + 1
+        refs = [e.init_transfer.remote(host, port, i + 1, world, backend) for i, e in enumerate(engines)]
+        self._transfer_group = init_group(host, port, 0, world, backend)
+        ray.get(refs)
+        return True
+
+    def push_weights_broadcast(self, engines: list, version: int, bucket_mb: float = 64.0,
+                               interrupt: bool = False) -> dict:
+        """Broadcast weights to every engine in buckets of at most `bucket_mb` MiB through the
+        transfer group; each (gathered) parameter is copied into the send buffer at once."""
+        import ray
+
+        from rl.weight_transfer import SendBuffer, broadcast
+
+        t0 = time.perf_counter()
+        sb = SendBuffer(int(bucket_mb * (1 << 20)), self.device) if self.rank == 0 else None
+        n_buckets, total = 0, 0
+
+        def flush():
+            nonlocal n_buckets, total
+            buf, meta, nbytes = sb.take()
+            refs = [e.receive_broadcast.remote(meta, nbytes, version) for e in engines]
+            broadcast(self._transfer_group, buf)
+            ray.get(refs)
+            n_buckets += 1
+            total += sum(m[4] for m in meta)
+
+        for name, t in self.iter_hf_weights(copy=False):
+            if self.rank != 0:
+                continue
+            if sb.used and not sb.fits(t):
+                flush()
+            sb.add(name, t)  # still inside the ZeRO-3 gather of its module
+        if self.rank != 0:
+            return {}
+        if sb.used:
+            flush()
+        commits = ray.get([e.commit_weights.remote(version, interrupt) for e in engines])
+        return {"sync/bytes": total, "sync/buckets": n_buckets, "sync/engine_load_s": max(c["load_s"] for c in commits),
+                "sync/inflight_requests": sum(c["inflight_at_commit"] for c in commits), "sync/s": time.perf_counter() - t0}
 
     def push_weights(self, engines: list, version: int, bucket_mb: float = 64.0, interrupt: bool = False) -> dict:
         """Stream weights to every engine in buckets of at most `bucket_mb` MiB, then commit.
@@ -156,8 +218,10 @@ class Learner(DeepSpeedWorker):
             nonlocal bucket, size, n_buckets
             if bucket:
                 ref = ray.put(bucket)
-                refs.extend(e.receive_bucket.remote(ref, version) for e in engines)
+                refs.append([e.receive_bucket.remote(ref, version) for e in engines])
                 n_buckets += 1
+                while len(refs) > 2:  # at most 2 buckets in the object store at a time
+                    ray.get(refs.pop(0))
             bucket, size = [], 0
 
         for name, t in self.iter_hf_weights():
@@ -172,7 +236,8 @@ class Learner(DeepSpeedWorker):
         if self.rank != 0:
             return {}
         flush()
-        ray.get(refs)
+        for group in refs:
+            ray.get(group)
         commits = ray.get([e.commit_weights.remote(version, interrupt) for e in engines])
         return {"sync/bytes": total, "sync/buckets": n_buckets, "sync/engine_load_s": max(c["load_s"] for c in commits),
                 "sync/inflight_requests": sum(c["inflight_at_commit"] for c in commits),

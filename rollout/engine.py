@@ -257,14 +257,16 @@ class _InprocBackend:
     async def generate(self, prompt_ids: list[int], params):
         return await asyncio.wrap_future(self.submit(prompt_ids, params))
 
-    async def collective_rpc(self, method: str, args: tuple, version: int | None = None, interrupt: bool = False):
+    async def collective_rpc(self, method: str, args: tuple, version: int | None = None, interrupt: bool = False,
+                             reset_cache: bool = True):
         """Run a worker method on the engine thread; with `version`, adopt it in the same critical
         section (so every later token carries it)."""
         def fn(backend):
             out = backend.llm.collective_rpc(method, args=args)
             # After a mid-flight update, running requests are preempted and their KV (and Gated
             # DeltaNet state) recomputed with the new weights before they continue.
-            backend.llm.reset_prefix_cache(reset_running_requests=interrupt)
+            if reset_cache:
+                backend.llm.reset_prefix_cache(reset_running_requests=interrupt)
             if version is not None:
                 backend.version = version
             return out
@@ -293,14 +295,16 @@ class _AsyncLLMBackend:
                 stream.add(out, self.version)
         return stream if params.output_kind == RequestOutputKind.DELTA else final
 
-    async def collective_rpc(self, method: str, args: tuple, version: int | None = None, interrupt: bool = False):
+    async def collective_rpc(self, method: str, args: tuple, version: int | None = None, interrupt: bool = False,
+                             reset_cache: bool = True):
         """With `interrupt`, requests in flight are paused (kept) around the update and continue
         on the new weights; the version is adopted before they resume."""
         if interrupt:
             await self.llm.pause_generation(mode="keep", clear_cache=False)
         try:
             out = await self._rpc(method, args)
-            await self.llm.reset_prefix_cache(reset_running_requests=interrupt)
+            if reset_cache:
+                await self.llm.reset_prefix_cache(reset_running_requests=interrupt)
             if version is not None:
                 self.version = version
         finally:
@@ -351,6 +355,7 @@ class VLLMEngine:
         self.version = 0
         self._pending: list[tuple[str, Any]] = []
         self._pending_version: int | None = None
+        self._pending_broadcast = False
         self.inflight = 0
         kwargs = dict(
             model=cfg.model, dtype=self.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
@@ -416,9 +421,31 @@ class VLLMEngine:
         named = self._pending
         self._pending, self._pending_version = [], None
         inflight = self.inflight
-        loaded = await self.backend.collective_rpc("load_hf_weights", (named,), version=version, interrupt=interrupt)
+        if getattr(self, "_pending_broadcast", False):  # the tensors already sit in the worker
+            self._pending_broadcast = False
+            loaded = await self.backend.collective_rpc("load_received", (), version=version, interrupt=interrupt)
+        else:
+            loaded = await self.backend.collective_rpc("load_hf_weights", (named,), version=version, interrupt=interrupt)
         self.version = version
         return {"tensors": loaded[0], "load_s": time.perf_counter() - t0, "inflight_at_commit": inflight}
+
+    # -- weight sync by collective broadcast (rl/weight_transfer.py) -----------------------------
+    async def init_transfer(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+        """Join the learner's transfer group (rank 0 = learner rank 0)."""
+        await self.backend.collective_rpc("init_transfer_group", (host, port, rank, world_size, backend),
+                                          reset_cache=False)
+        return True
+
+    async def receive_broadcast(self, meta: list, nbytes: int, version: int) -> int:
+        """Receive one broadcast bucket of `version` (between two engine steps: generation goes on
+        between buckets)."""
+        if self._pending_version not in (None, version):
+            raise RuntimeError(f"broadcast bucket of version {version} while version {self._pending_version} "
+                               "was incomplete; a previous sync was interrupted")
+        self._pending_version = version
+        self._pending_broadcast = True
+        return (await self.backend.collective_rpc("receive_broadcast", (meta, nbytes), interrupt=True,
+                                                  reset_cache=False))[0]
 
     async def named_weights(self) -> dict:
         """The engine's parameters in vLLM's layout (tests: exact weight comparisons)."""

@@ -42,6 +42,30 @@ class WeightSyncExtension:
 
         return self.load_hf_weights(load_file(path).items())
 
+    # -- collective transfer (rl/weight_transfer.py): learner rank 0 broadcasts, workers receive --
+    def init_transfer_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+        from rl.weight_transfer import init_group
+
+        self._transfer_group = init_group(host, port, rank, world_size, backend)
+        self._transfer_pending = []
+        return True
+
+    def receive_broadcast(self, meta: list, nbytes: int) -> int:
+        """Receive one bucket and keep its tensors until `load_received`."""
+        import torch
+
+        from rl.weight_transfer import broadcast, unpack
+
+        device = "cpu" if self.device.type == "cpu" else self.device
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        broadcast(self._transfer_group, buf)
+        self._transfer_pending.extend(unpack(buf, meta))
+        return len(meta)
+
+    def load_received(self) -> int:
+        named, self._transfer_pending = self._transfer_pending, []
+        return self.load_hf_weights(named)
+
     def named_weights(self) -> dict:
         """A copy of every engine parameter, in vLLM's own (fused, processed) layout: for tests
         that compare two engines' weights exactly. Small models only."""

@@ -5,6 +5,7 @@ Qwen3.5 runs only in bfloat16 on vLLM CPU, so there the check is that a synced e
 fresh engine started from an exported checkpoint of the same learner weights, and the bf16
 engine-vs-fp32-learner mismatch is measured and printed.
 """
+import pytest
 import torch
 
 from rl.controller import free_port
@@ -86,16 +87,23 @@ def test_zero3_two_ranks_sync_is_exact(ray_cluster, tiny_path):
         assert diff(ray, eng, learners, seqs, batch) < PARITY_TOL
 
 
-def test_zero3_two_ranks_sync_gives_the_engine_exactly_the_gathered_weights(ray_cluster, tiny_path, tmp_path):
-    """After a ZeRO-3 step on 2 ranks and a many-bucket sync, every engine parameter equals (bit for
-    bit) that of a fresh engine loaded from the learners' gathered state dict."""
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_zero3_two_ranks_sync_gives_the_engine_exactly_the_gathered_weights(ray_cluster, tiny_path, tmp_path, transport):
+    """After a ZeRO-3 step on 2 ranks and a many-bucket sync (through Ray's object store, or by
+    gloo broadcast from learner rank 0 into the engine worker: the NCCL path's code on CPU), every
+    engine parameter equals (bit for bit) that of a fresh engine loaded from the learners'
+    gathered state dict."""
     ray = ray_cluster
     path = tiny_path("qwen3")
     eng, info, learners = start(ray, path, "float32", ranks=2, zero=3)
     _, batch = probe_batch()
     ray.get([x.train.remote(batch) for x in learners])
-    stats = sync(ray, learners, eng, 1, bucket_mb=0.05)
-    assert stats["sync/buckets"] > 3
+    if transport == "broadcast":
+        ray.get([x.init_transfer.remote([eng]) for x in learners])
+        stats = ray.get([x.push_weights_broadcast.remote([eng], 1, 0.05) for x in learners])[0]
+    else:
+        stats = sync(ray, learners, eng, 1, bucket_mb=0.05)
+    assert stats["sync/buckets"] > 3 and ray.get(eng.get_version.remote()) == 1
     gathered = ray.get([x.hf_state_dict.remote() for x in learners])[0]  # rank 0 holds the gathered copy
     synced = ray.get(eng.named_weights.remote())
     ray.kill(eng)
