@@ -20,12 +20,25 @@ def _aligned(n: int) -> int:
 
 
 def init_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0):
-    """A process group that leaves torch.distributed's default group alone (the learner ranks and
-    vLLM's workers each have their own)."""
-    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+    """A process group of its own (a TCPStore at host:port hosted by rank 0), leaving
+    torch.distributed's default group alone: the learner ranks and vLLM's workers each have theirs.
+    backend: gloo (CPU tensors) or nccl (CUDA tensors)."""
+    from torch.distributed import PrefixStore, TCPStore
 
-    return stateless_init_torch_distributed_process_group(host, port, rank, world_size, backend,
-                                                          timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    store = TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    prefix = PrefixStore(f"qrl-weights-{host}:{port}", store)
+    if backend == "gloo":
+        from torch.distributed import ProcessGroupGloo
+
+        return ProcessGroupGloo(prefix, rank, world_size, timeout)
+    if backend == "nccl":
+        from torch.distributed import ProcessGroupNCCL
+
+        opts = ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return ProcessGroupNCCL(prefix, rank, world_size, opts)
+    raise ValueError(f"weight-transfer backend {backend!r}; use gloo or nccl")
 
 
 def broadcast(group, buf: torch.Tensor) -> None:

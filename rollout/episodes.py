@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import queue
 import threading
 import time
@@ -60,17 +61,31 @@ class ChatRenderer:
 
     _SENTINEL = "qrl-turn-boundary"
 
+    CACHE_SIZE = 4096
+
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        self._prompts: dict = {}  # the episodes of a group start from the same observation
 
     @staticmethod
     def as_messages(obs) -> list[dict]:
         return [{"role": "user", "content": obs}] if isinstance(obs, str) else list(obs)
 
     def prompt_ids(self, obs, tools: list | None = None) -> list[int]:
+        try:
+            key = json.dumps([obs, tools], sort_keys=True)
+        except (TypeError, ValueError):  # not JSON-able (e.g. images): render every time
+            key = None
+        if key is not None and key in self._prompts:
+            return list(self._prompts[key])
         out = self.tok.apply_chat_template(self.as_messages(obs), tools=tools or None,
                                            add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+        if key is not None:
+            if len(self._prompts) >= self.CACHE_SIZE:
+                self._prompts.clear()
+            self._prompts[key] = tuple(ids)
+        return ids
 
     def env_turn_ids(self, obs, policy_ids: list[int]) -> list[int]:
         """Close the policy's turn (its EOS if it did not stop on its own), then the env's messages
