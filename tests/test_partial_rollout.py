@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from rollout.engine import EngineConfig, engine_actor
 
+TOKENS = 400
+
 
 @pytest.mark.parametrize("backend", ["inproc", "async"])
 def test_versions_and_logprobs_across_a_mid_flight_update(ray_cluster, tiny_path, backend):
@@ -19,19 +21,19 @@ def test_versions_and_logprobs_across_a_mid_flight_update(ray_cluster, tiny_path
     ray.get(eng.ready.remote())
     prompts = [[1, 5 + i, 6, 7] for i in range(12)]
     old = ray.get(eng.score.remote([p + [9, 10] for p in prompts]))  # warm-up + reference point
-    refs = [eng.generate_one.remote(p, 160, 1.0, 1.0, None, None, True) for p in prompts]
-    time.sleep(0.4 if backend == "inproc" else 1.5)  # requests are generating now
     g = torch.Generator().manual_seed(0)
     sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) * v.std() if v.dim() == 2 else v
           for k, v in load_file(f"{path}/model.safetensors").items()}
-    ray.get(eng.receive_bucket.remote(list(sd.items()), 1))
+    ray.get(eng.receive_bucket.remote(list(sd.items()), 1))  # buffered: generation is not affected yet
+    refs = [eng.generate_one.remote(p, TOKENS, 1.0, 1.0, None, None, True) for p in prompts]
+    time.sleep(0.5 if backend == "inproc" else 1.0)  # requests are generating now (~5 s in all)
     info = ray.get(eng.commit_weights.remote(1, True))
     outs = ray.get(refs)
     assert info["inflight_at_commit"] > 0
     mixed = [c for c in outs if 0 in c.versions and 1 in c.versions]
     assert mixed, [sorted(set(c.versions)) for c in outs]  # the update landed mid-request
     for c in outs:
-        assert len(c.versions) == len(c.token_ids) == len(c.logprobs) == 160
+        assert len(c.versions) == len(c.token_ids) == len(c.logprobs) == TOKENS
         first_new = c.versions.index(1) if 1 in c.versions else len(c.versions)
         assert all(v == 0 for v in c.versions[:first_new]) and all(v == 1 for v in c.versions[first_new:])
     # tokens tagged 1 were sampled by the new weights (given KV recomputed with them): rescoring
