@@ -16,6 +16,7 @@ from rl.algorithms import NEEDS_CRITIC, compute_advantages, groups_with_signal, 
 from rl.config import TrainConfig, validate
 from rl.critic import Critic
 from rl.learner import AlgoSettings, Learner, LearnerSettings
+from rl.monitor import MismatchMonitor
 from rl.reference import ReferencePolicy
 from rl.logger import RunLogger
 from rl.trajectory import collate, group_staleness
@@ -101,6 +102,7 @@ class Controller:
         self.ref = None
         self.placement_groups: list = []
         self.engine_version = 0
+        self.mismatch_monitor = MismatchMonitor()
         self._pending = None  # one_step_off: the next batch's rollout, running
         self._streaming = False  # async: the producer runs
         self._replaced_groups = 0
@@ -479,6 +481,10 @@ class Controller:
             "timing/learn_s": time.perf_counter() - t0,
             **rollout_stats, **adv_stats, **stats,
         }
+        warning = self.mismatch_monitor.update(metrics["mismatch/kl"])
+        metrics["mismatch/jump"] = int(warning is not None)
+        if warning:
+            print(f"[qrl] warning (step {self.step}): {warning}", flush=True)
         return metrics
 
     def _log_env_errors(self) -> None:
