@@ -229,11 +229,14 @@ class Controller:
         return float(a.loss_norm_tokens or r.max_tokens * r.max_turns)
 
     # -- one step -------------------------------------------------------------------------
+    def _next_seed(self) -> int:
+        """The next env seed (one per prompt; every mode draws from the same sequence)."""
+        seed = self.cfg.seed * 1_000_003 + self.prompts_drawn
+        self.prompts_drawn += 1
+        return seed
+
     def _next_seeds(self) -> list[int]:
-        P = self.cfg.rollout.prompts_per_step
-        seeds = [self.cfg.seed * 1_000_003 + self.prompts_drawn + i for i in range(P)]
-        self.prompts_drawn += P
-        return seeds
+        return [self._next_seed() for _ in range(self.cfg.rollout.prompts_per_step)]
 
     @property
     def max_response_tokens(self) -> int:
@@ -315,11 +318,6 @@ class Controller:
         P = self.cfg.rollout.prompts_per_step
         return (self.version + self.cfg.trainer.max_staleness + 1) * P + self._replaced_groups
 
-    def _next_stream_seed(self) -> int:
-        seed = self.cfg.seed * 1_000_003 + self.prompts_drawn
-        self.prompts_drawn += 1
-        return seed
-
     def _collect_stream(self):
         """Async mode: take finished groups (completion order) until a batch is full. Groups whose
         oldest token is more than trainer.max_staleness versions behind the learner are dropped
@@ -387,7 +385,7 @@ class Controller:
             metrics = self._learn(*collected)
         else:  # async
             if not self._streaming:
-                self.runner.start_stream(self._next_stream_seed, self._stream_budget)
+                self.runner.start_stream(self._next_seed, self._stream_budget)
                 self._streaming = True
             collected = self._collect_stream()
             t_rollout = time.perf_counter() - t0
