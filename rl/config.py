@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from policies.presets import ModelShape
 from policies.tiny import TinySpec
 
 
@@ -15,6 +16,8 @@ class PolicyConfig:
     path: str = "tiny:default"  # HF folder, hub id (Qwen/Qwen3.5-0.8B) or tiny:<name>
     tiny: TinySpec = field(default_factory=TinySpec)  # used when path is tiny:<name>
     engine_dtype: str = "auto"  # auto | bfloat16 | float32
+    # qwen3_5_* presets: the published architecture; a local checkpoint that differs fails at start (null: no check)
+    shape: Optional[ModelShape] = None
 
 
 @dataclass

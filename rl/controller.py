@@ -90,10 +90,12 @@ class Controller:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from envs.registry import resolve_env_class
         from policies.build import load_tokenizer, resolve_policy_path
+        from policies.presets import check_checkpoint_shape
 
         # Fail fast on bad inputs, before Ray or any model starts.
         self.env_cls = resolve_env_class(cfg.env.name, cfg.env._target_)
         self.policy_path = resolve_policy_path(cfg.policy.path, asdict(cfg.policy.tiny), cfg.cache_dir)
+        check_checkpoint_shape(self.policy_path, cfg.policy.shape)  # qwen3_5_* presets vs the folder's config.json
         self.tokenizer = load_tokenizer(self.policy_path)
         self.step = 0
         self.version = 0
