@@ -16,7 +16,7 @@ from policies.tokenizer import save_tokenizer
 
 @dataclass
 class TinySpec:
-    family: str = "qwen3_5"  # qwen3_5 | qwen3
+    family: str = "qwen3_5"  # qwen3_5 | qwen3_5_moe | qwen3
     tokenizer: str = "char"  # char (small action space, for learning tests) | byte
     hidden_size: int = 64
     intermediate_size: int = 192
@@ -34,11 +34,24 @@ class TinySpec:
     initializer_range: float = 0.1
     seed: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)  # any other config.json fields
+    # qwen3_5_moe: every layer's MLP is a sparse MoE block (softmax top-k over routed experts, plus one
+    # shared expert behind a sigmoid gate), as in Qwen3.5-35B-A3B (256 experts, top-8, 512 and 512)
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 32
+    shared_expert_intermediate_size: int = 32
 
     def fingerprint(self) -> str:
         from policies.tokenizer import TOKENIZER_VERSION
 
-        return json.dumps({**asdict(self), "tokenizer_version": TOKENIZER_VERSION}, sort_keys=True)
+        d = asdict(self)
+        if self.family != "qwen3_5_moe":  # the MoE fields: not in other families' cache keys
+            for k in MOE_FIELDS:
+                del d[k]
+        return json.dumps({**d, "tokenizer_version": TOKENIZER_VERSION}, sort_keys=True)
+
+
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def make_config(spec: TinySpec, vocab_size: int, eos_id: int, pad_id: int):
@@ -58,13 +71,17 @@ def make_config(spec: TinySpec, vocab_size: int, eos_id: int, pad_id: int):
         bos_token_id=None,
         **spec.extra,
     )
-    if spec.family == "qwen3_5":
-        from transformers import Qwen3_5TextConfig
+    if spec.family in ("qwen3_5", "qwen3_5_moe"):
+        from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
         n = spec.num_hidden_layers
         k = spec.full_attention_interval
         layer_types = ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n)]
-        cfg = Qwen3_5TextConfig(
+        moe = spec.family == "qwen3_5_moe"
+        if moe:
+            del common["intermediate_size"]  # no dense MLP: experts only
+            common.update({f: getattr(spec, f) for f in MOE_FIELDS})
+        cfg = (Qwen3_5MoeTextConfig if moe else Qwen3_5TextConfig)(
             layer_types=layer_types,
             linear_num_key_heads=spec.linear_num_key_heads,
             linear_num_value_heads=spec.linear_num_value_heads,
@@ -73,14 +90,14 @@ def make_config(spec: TinySpec, vocab_size: int, eos_id: int, pad_id: int):
             full_attention_interval=k,
             **common,
         )
-        cfg.architectures = ["Qwen3_5ForCausalLM"]
+        cfg.architectures = ["Qwen3_5MoeForCausalLM" if moe else "Qwen3_5ForCausalLM"]
     elif spec.family == "qwen3":
         from transformers import Qwen3Config
 
         cfg = Qwen3Config(**common)
         cfg.architectures = ["Qwen3ForCausalLM"]
     else:
-        raise ValueError(f"unknown tiny model family {spec.family!r}; use 'qwen3_5' or 'qwen3'")
+        raise ValueError(f"unknown tiny model family {spec.family!r}; use 'qwen3_5', 'qwen3_5_moe' or 'qwen3'")
     return cfg
 
 

@@ -107,11 +107,14 @@ class DeepSpeedWorker:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
+        from policies.checkpoint import check_loading_info
+
         dtype = torch.bfloat16 if self.s.dtype == "bfloat16" else torch.float32
         zero3 = self.s.zero_stage == 3 and not plain
         keep = HfDeepSpeedConfig(self.ds_cfg) if zero3 else None  # noqa: F841 - alive during from_pretrained
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
         del keep
+        check_loading_info(path, info, model)  # names any weight left at random init (transformers only logs it)
         if zero3:
             register_zero3_external_params(model)
         if plain:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from policies.checkpoint import engine_layout, to_checkpoint_names
 from rl.algorithms import kl_estimate, policy_objective
 from rl.ds_worker import DeepSpeedWorker, LearnerSettings, ds_config, register_zero3_external_params  # noqa: F401
 from rl.logprobs import token_logprobs
@@ -43,6 +44,7 @@ class Learner(DeepSpeedWorker):
         self.model = self._load_causal_lm(model_path)
         self._initialize(self.model)
         self.version = 0
+        self.engine_layout = engine_layout(model_path)  # the names engines started from model_path load
 
     @torch.no_grad()
     def _score(self, model, batch: dict, with_entropy: bool):
@@ -147,6 +149,12 @@ class Learner(DeepSpeedWorker):
             for n, p in module.named_parameters():
                 yield n, (_out(p, copy) if self.rank == 0 else None)
 
+    def iter_engine_weights(self, copy: bool = True):
+        """`iter_hf_weights` under the names the engines load (policies/checkpoint.py):
+        `model.language_model.*` for engines running a multimodal Qwen3.5 checkpoint."""
+        for name, t in self.iter_hf_weights(copy):
+            yield from to_checkpoint_names(name, t, self.engine_layout)
+
     def init_transfer(self, engines: list, backend: str | None = None) -> bool:
         """Rank 0 forms a process group with every engine worker for broadcast weight sync
         (`learner.sync_transport=broadcast`): gloo on CPU, NCCL on GPUs."""
@@ -190,7 +198,7 @@ class Learner(DeepSpeedWorker):
             n_buckets += 1
             total += sum(m[4] for m in meta)
 
-        for name, t in self.iter_hf_weights(copy=False):
+        for name, t in self.iter_engine_weights(copy=False):
             if self.rank != 0:
                 continue
             if sb.used and not sb.fits(t):
@@ -224,7 +232,7 @@ class Learner(DeepSpeedWorker):
                     ray.get(refs.pop(0))
             bucket, size = [], 0
 
-        for name, t in self.iter_hf_weights():
+        for name, t in self.iter_engine_weights():
             if self.rank != 0:
                 continue
             nbytes = t.numel() * t.element_size()

@@ -24,6 +24,32 @@ for _name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_e
     logging.getLogger(_name).addFilter(_ExpectedReloadNoise())
 
 
+def _prepack_cpu_moe_on_reload(model) -> None:
+    """vLLM 0.32 CPU MoE (Qwen3.5-MoE on CPU): on a weight update `UnquantizedFusedMoEMethod._setup_kernel`
+    skips the experts' `process_weights_after_loading`, the CPU kernel's prepack of w13/w2, so a reload
+    leaves the routed experts in checkpoint layout under a kernel that reads them prepacked (measured:
+    logprobs off by up to 2.6 nats vs a fresh engine of the same weights). Make every reprocessing of a
+    CPU MoE layer end with that prepack; layers a sync does not touch are not reprocessed, so never
+    packed twice. No-op elsewhere (GPU kernels need no prepack)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for layer in model.modules():
+        qm = getattr(layer, "quant_method", None)
+        experts = getattr(getattr(qm, "moe_kernel", None), "fused_experts", None)
+        if not isinstance(experts, CPUUnquantizedExperts) or getattr(qm, "_qrl_prepack_on_reload", False):
+            continue
+        original = qm.process_weights_after_loading
+
+        def process(layer, _original=original, _qm=qm):
+            update = _qm.moe_kernel is not None  # set on the first load: this is a reload
+            _original(layer)
+            if update:
+                _qm.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        qm.process_weights_after_loading = process
+        qm._qrl_prepack_on_reload = True
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`); `self` is the worker."""
 
@@ -31,6 +57,7 @@ class WeightSyncExtension:
         # `reload_weights` re-runs vLLM's weight processing (CPU repacking, fused qkv, ...), which a
         # plain `model.load_weights` after start-up does not.
         named_tensors = list(named_tensors)
+        _prepack_cpu_moe_on_reload(self.model_runner.model)
         self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
         self._refresh_tied_lm_head()
         return len(named_tensors)
