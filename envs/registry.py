@@ -15,6 +15,7 @@ BUILTINS = {
     "countdown": "envs.builtin.countdown:CountdownEnv",
     "calculator": "envs.builtin.calculator:CalculatorEnv",
     "code_tests": "envs.builtin.code_tests:CodeTestsEnv",
+    "color_patch": "envs.builtin.color_patch:ColorPatchEnv",
 }
 
 

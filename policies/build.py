@@ -50,6 +50,35 @@ def resolve_policy_path(path: str, tiny: dict | None = None, cache_dir: str | Pa
     return path
 
 
+def is_vision_language(path: str) -> bool:
+    """Whether the checkpoint is a vision-language model (config.json has a vision_config)."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+
+
+def auto_model_class(path: str):
+    """The transformers auto class that loads `path` with its LM head: AutoModelForImageTextToText
+    for vision-language checkpoints (e.g. Qwen3_5ForConditionalGeneration: AutoModelForCausalLM would
+    load only its text stack), AutoModelForCausalLM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_language(path) else AutoModelForCausalLM
+
+
+def load_processor(path: str):
+    """The multimodal processor of a vision-language checkpoint (None for text-only models)."""
+    if not is_vision_language(path):
+        return None
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(path)
+    if getattr(proc, "image_processor", None) is None:
+        raise ValueError(f"the vision-language checkpoint {path!r} has no image processor config; save its "
+                         "processor (processor_config.json / preprocessor_config.json) into the folder")
+    return proc
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

@@ -87,10 +87,67 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 
 BUILDERS = {"char": build_char_tokenizer, "byte": build_byte_tokenizer}
 
+# Vision-language tiny models: Qwen's vision special tokens, and a template whose content parts may
+# be images ({"type": "image", ...}), each rendered as Qwen renders it. The processor then expands
+# the one <|image_pad|> into as many as the image has patches after merging.
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+_TEXT_MACRO = ("{%- macro text(c) -%}{%- if c is string -%}{{- c -}}{%- else -%}"
+               "{{- c | map(attribute='text') | join('') -}}{%- endif -%}{%- endmacro -%}")
+_VL_TEXT_MACRO = (
+    "{%- macro text(c) -%}{%- if c is string -%}{{- c -}}{%- else -%}{%- for p in c -%}"
+    "{%- if p['type'] == 'image' or 'image' in p or 'image_url' in p -%}{{- '" + IMAGE_PLACEHOLDER + "' -}}"
+    "{%- elif 'text' in p -%}{{- p['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+)
+assert CHAT_TEMPLATE.startswith(_TEXT_MACRO), "CHAT_TEMPLATE's text() macro changed: update _TEXT_MACRO"
+VL_CHAT_TEMPLATE = _VL_TEXT_MACRO + CHAT_TEMPLATE[len(_TEXT_MACRO):]
 
-def save_tokenizer(folder: str | Path, kind: str = "char") -> PreTrainedTokenizerFast:
+
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable-symbol map (what a ByteLevel pre-tokenizer emits for each byte)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def build_vl_tokenizer(kind: str = "char"):
+    """Tokenizer of a `qwen3_5_vl` tiny model. transformers loads the tokenizer of every model_type
+    `qwen3_5` checkpoint as `Qwen3_5Tokenizer` (byte-level BPE over the saved vocabulary), whatever
+    tokenizer.json says, so it is built as one: then the driver, vLLM and the processor all tokenize
+    alike. `char`: the byte symbols of CHAR_ALPHABET plus upper-case letters (~100 ids; other
+    characters are dropped, as that class has no unknown token); `byte`: all 256 bytes."""
+    from transformers import Qwen3_5Tokenizer
+
+    sym = _byte_symbols()
+    if kind == "char":
+        chars = CHAR_ALPHABET + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        symbols = list(dict.fromkeys(sym[b] for b in chars.encode()))
+    elif kind == "byte":
+        symbols = [sym[b] for b in range(256)]
+    else:
+        raise ValueError(f"unknown tiny tokenizer {kind!r}; use one of {', '.join(BUILDERS)}")
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for s_ in symbols:
+        vocab.setdefault(s_, len(vocab))
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                           pad_token="<|endoftext|>")
+    tok.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    tok.add_tokens(TOOL_TOKENS)
+    tok.add_tokens(VISION_TOKENS, special_tokens=True)
+    tok.chat_template = VL_CHAT_TEMPLATE
+    return tok
+
+
+def save_tokenizer(folder: str | Path, kind: str = "char", vision: bool = False):
+    """`vision`: the vision-language variant (`build_vl_tokenizer`)."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown tiny tokenizer {kind!r}; use one of {', '.join(BUILDERS)}")
-    tok = BUILDERS[kind]()
+    tok = build_vl_tokenizer(kind) if vision else BUILDERS[kind]()
     tok.save_pretrained(str(folder))
     return tok

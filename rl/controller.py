@@ -89,7 +89,7 @@ class Controller:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from envs.registry import resolve_env_class
-        from policies.build import load_tokenizer, resolve_policy_path
+        from policies.build import load_processor, load_tokenizer, resolve_policy_path
         from policies.presets import check_checkpoint_shape
 
         # Fail fast on bad inputs, before Ray or any model starts.
@@ -97,6 +97,7 @@ class Controller:
         self.policy_path = resolve_policy_path(cfg.policy.path, asdict(cfg.policy.tiny), cfg.cache_dir)
         check_checkpoint_shape(self.policy_path, cfg.policy.shape)  # qwen3_5_* presets vs the folder's config.json
         self.tokenizer = load_tokenizer(self.policy_path)
+        self.processor = load_processor(self.policy_path)  # vision-language policies only (else None)
         self.step = 0
         self.version = 0
         self.prompts_drawn = 0  # env seeds used so far (dynamic sampling draws extra prompts)
@@ -194,7 +195,7 @@ class Controller:
         self.runner = EpisodeRunner(self.env_pool, self.engines, self.tokenizer, RolloutSettings(
             group_size=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
             max_turns=r.max_turns, max_context=r.max_model_len, max_retries=r.max_retries,
-            max_inflight=r.max_inflight))
+            max_inflight=r.max_inflight), processor=self.processor)
         self._started = True
 
     def _ranks(self, cls, role: str, num_cpus: float, args) -> list:

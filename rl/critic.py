@@ -11,6 +11,7 @@ import torch
 
 from rl.algorithms import value_objective
 from rl.ds_worker import DeepSpeedWorker, LearnerSettings
+from rl.vision import model_inputs as vision_inputs
 
 
 class ValueModel(torch.nn.Module):
@@ -27,8 +28,9 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(self.backbone.parameters()).dtype)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """model_kwargs: a VL backbone's images (rl/vision.py model_inputs)."""
+        h = self.backbone(input_ids=input_ids, use_cache=False, **model_kwargs).last_hidden_state
         return self.value_head(h[:, :-1]).squeeze(-1).float()
 
 
@@ -49,7 +51,8 @@ class Critic(DeepSpeedWorker):
         local = self._shard(batch)
         self.engine.module.eval()
         T = local["input_ids"].shape[1] - 1
-        out = [self._pad_to(self.engine.module(mb["input_ids"]) * mb["loss_mask"], T)
+        m = self.engine.module
+        out = [self._pad_to(m(mb["input_ids"], **vision_inputs(m, mb)) * mb["loss_mask"], T)
                for mb in self._micro(local, self.s.micro_batch_size)]
         return torch.cat(out)
 
@@ -66,7 +69,7 @@ class Critic(DeepSpeedWorker):
             part = {k: v[m * mini : (m + 1) * mini] for k, v in local.items()}
             num_tokens, num_seqs = self._global_counts(part)
             for mb in self._micro(part, self.s.micro_batch_size):
-                v = self.engine.module(mb["input_ids"])
+                v = self.engine.module(mb["input_ids"], **vision_inputs(self.engine.module, mb))
                 loss, st = value_objective(v, mb["values"], mb["returns"], mb["loss_mask"], clip=self.value_clip,
                                            num_tokens=num_tokens, num_seqs=num_seqs)
                 self.engine.backward(loss * self.loss_scale)

@@ -104,15 +104,15 @@ class DeepSpeedWorker:
 
     def _load_causal_lm(self, path: str, plain: bool = False):
         """A transformers causal LM; under ZeRO-3 (unless `plain`) partitioned while it loads."""
-        from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
+        from policies.build import auto_model_class
         from policies.checkpoint import check_loading_info
 
         dtype = torch.bfloat16 if self.s.dtype == "bfloat16" else torch.float32
         zero3 = self.s.zero_stage == 3 and not plain
         keep = HfDeepSpeedConfig(self.ds_cfg) if zero3 else None  # noqa: F841 - alive during from_pretrained
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        model, info = auto_model_class(path).from_pretrained(path, dtype=dtype, output_loading_info=True)  # VL: + vision tower
         del keep
         check_loading_info(path, info, model)  # names any weight left at random init (transformers only logs it)
         if zero3:

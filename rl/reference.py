@@ -4,17 +4,19 @@ from __future__ import annotations
 import torch
 
 from rl.logprobs import token_logprobs
+from rl.vision import MM_KEYS
+from rl.vision import model_inputs as vision_inputs
 
 
 class ReferencePolicy:
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 64,
                  chunk_tokens: int = 4096, num_threads: int = 1):
-        from transformers import AutoModelForCausalLM
+        from policies.build import auto_model_class
 
         torch.set_num_threads(num_threads)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device)
+        self.model = auto_model_class(model_path).from_pretrained(model_path, dtype=torch_dtype).to(self.device)
         self.model.eval().requires_grad_(False)
         self.micro, self.chunk = micro_batch_size, chunk_tokens
 
@@ -26,7 +28,9 @@ class ReferencePolicy:
         out = torch.zeros(B, T - 1)
         for start in range(0, B, self.micro):
             L = int(lengths[start : start + self.micro].max())
-            lp = token_logprobs(self.model, ids[start : start + self.micro, :L].to(self.device), self.chunk)
+            mb = {k: batch[k][start : start + self.micro].to(self.device) for k in MM_KEYS if k in batch}
+            mb["input_ids"] = ids[start : start + self.micro, :L].to(self.device)
+            lp = token_logprobs(self.model, mb["input_ids"], self.chunk, **vision_inputs(self.model, mb))
             out[start : start + self.micro, : L - 1] = lp.float().cpu()
         return out
 

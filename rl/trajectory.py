@@ -21,6 +21,9 @@ class Trajectory:
     turns: int = 0
     error: str | None = None
     info: dict = field(default_factory=dict)
+    # vision-language prompts: the processor's pixel_values [patches, D] and image_grid_thw [images, 3]
+    # (rl/vision.py); prompt_ids hold the expanded image placeholder tokens they fill
+    mm_inputs: dict = field(default_factory=dict)
 
     def add_policy_tokens(self, ids: list[int], logprobs: list[float], version: int | list[int]) -> None:
         """`version`: one policy version for all `ids`, or one per token (partial rollouts)."""
@@ -73,6 +76,8 @@ def collate(trajs: list[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:
             loss_mask[i, p - 1 : p - 1 + r] = torch.tensor(t.loss_mask, dtype=torch.float32)
             behaviour[i, p - 1 : p - 1 + r] = torch.tensor(t.behaviour_logprobs, dtype=torch.float32)
             versions[i, p - 1 : p - 1 + r] = torch.tensor(t.versions)
+    from rl.vision import pad_mm_inputs
+
     return {
         "input_ids": input_ids,
         "loss_mask": loss_mask,
@@ -80,4 +85,5 @@ def collate(trajs: list[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:
         "versions": versions,
         "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32),
         "lengths": torch.tensor(lengths),
+        **pad_mm_inputs([t.mm_inputs for t in trajs]),  # images: pixel_values, image_grid_thw
     }

@@ -73,6 +73,19 @@ def _on_gpu() -> bool:
         return False
 
 
+def _as_prompt(prompt) -> dict:
+    """A vLLM prompt: token ids, or a ready dict (with `multi_modal_data` for images)."""
+    return prompt if isinstance(prompt, dict) else {"prompt_token_ids": prompt}
+
+
+def _image_token_id(model_path: str) -> int | None:
+    """`<|image_pad|>`'s id for a vision-language checkpoint (None otherwise)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    return getattr(cfg, "image_token_id", None) if getattr(cfg, "vision_config", None) is not None else None
+
+
 def pick_engine_dtype(model_path: str, dtype: str) -> str:
     if dtype != "auto":
         return dtype
@@ -182,7 +195,7 @@ class _InprocBackend:
                 if kind == "add":
                     rid = str(next(self._ids))
                     try:
-                        engine.add_request(rid, {"prompt_token_ids": payload[0]}, payload[1])
+                        engine.add_request(rid, _as_prompt(payload[0]), payload[1])
                         self._waiting[rid] = fut
                         if payload[1].output_kind == RequestOutputKind.DELTA:
                             self._streams[rid] = _Stream()
@@ -249,6 +262,8 @@ class _InprocBackend:
             # DeltaNet state) recomputed with the new weights before they continue.
             if reset_cache:
                 backend.llm.reset_prefix_cache(reset_running_requests=interrupt)
+                if backend.multimodal:  # see VLLMEngine.__init__
+                    backend.llm.llm_engine.reset_encoder_cache()
             if version is not None:
                 backend.version = version
             return out
@@ -271,7 +286,7 @@ class _AsyncLLMBackend:
         from vllm.sampling_params import RequestOutputKind
 
         final, stream = None, _Stream()
-        async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=str(next(self._ids))):
+        async for out in self.llm.generate(_as_prompt(prompt_ids), params, request_id=str(next(self._ids))):
             final = out
             if params.output_kind == RequestOutputKind.DELTA:
                 stream.add(out, self.version)
@@ -287,6 +302,8 @@ class _AsyncLLMBackend:
             out = await self._rpc(method, args)
             if reset_cache:
                 await self.llm.reset_prefix_cache(reset_running_requests=interrupt)
+                if self.multimodal:  # see VLLMEngine.__init__
+                    await self.llm.reset_encoder_cache()
             if version is not None:
                 self.version = version
         finally:
@@ -339,6 +356,7 @@ class VLLMEngine:
         self._pending_version: int | None = None
         self._pending_broadcast = False
         self.inflight = 0
+        self.image_token_id = _image_token_id(cfg.model)
         kwargs = dict(
             model=cfg.model, dtype=self.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching,
@@ -349,17 +367,38 @@ class VLLMEngine:
         kwargs.update(cfg.extra)
         backend = _AsyncLLMBackend if self.backend_name == "async" else _InprocBackend
         self.backend = backend(kwargs)
+        # Vision-language: after a weight load the vision embeddings cached for images seen before are
+        # stale, and vLLM's worker-side reload clears its encoder cache but not the scheduler's record
+        # of it ("Encoder cache miss" on the next request of such an image): reset both.
+        self.backend.multimodal = self.image_token_id is not None
 
     # -- generation ---------------------------------------------------------------------------
+    def _prompt(self, prompt_ids: list[int], images: list | None):
+        """Token ids, or with images vLLM's multimodal prompt: each expanded placeholder collapsed to
+        one `<|image_pad|>` (vLLM expands it again from the image; rl/vision.py)."""
+        if not images:
+            return prompt_ids
+        from rl.vision import engine_prompt
+
+        if self.image_token_id is None:
+            raise ValueError(f"images were sent to the engine of {self.cfg.model!r}, which is not a "
+                             "vision-language model; use a VL policy (e.g. policy=tiny_qwen3_5_vl)")
+        return {"prompt_token_ids": engine_prompt(prompt_ids, self.image_token_id, len(images)),
+                "multi_modal_data": {"image": list(images)}}
+
     async def generate_one(self, prompt_ids: list[int], max_tokens: int, temperature: float = 1.0,
                            top_p: float = 1.0, seed: int | None = None,
-                           stop_token_ids: list[int] | None = None, ignore_eos: bool = False) -> Completion:
+                           stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                           images: list | None = None) -> Completion:
         """One completion of `prompt_ids` with the logprob of every sampled token and the policy
-        version that sampled each one (ignore_eos: always generate max_tokens, for benchmarks)."""
+        version that sampled each one (ignore_eos: always generate max_tokens, for benchmarks).
+        `images` (vision-language policies): the prompt's images in order; `prompt_ids` carries
+        their placeholders expanded, as the processor made them (rl/vision.py)."""
+        prompt = self._prompt(prompt_ids, images)
         self.inflight += 1
         try:
             st = await self.backend.generate(
-                prompt_ids, _sampling_params(max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos=ignore_eos))
+                prompt, _sampling_params(max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos=ignore_eos))
         finally:
             self.inflight -= 1
         first = st.versions[0] if st.versions else self.version
@@ -375,9 +414,11 @@ class VLLMEngine:
             for i, p in enumerate(prompts) for j in range(n)])
         return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    async def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Teacher-forced logprob of every token after the first (used to probe weight sync)."""
-        outs = await asyncio.gather(*[self.backend.generate(s, _score_params()) for s in sequences])
+    async def score(self, sequences: list[list[int]], images: list[list] | None = None) -> list[list[float]]:
+        """Teacher-forced logprob of every token after the first (used to probe weight sync).
+        `images`: per sequence, the images its (expanded) placeholders stand for (VL policies)."""
+        prompts = [self._prompt(s, images[i] if images else None) for i, s in enumerate(sequences)]
+        outs = await asyncio.gather(*[self.backend.generate(p, _score_params()) for p in prompts])
         return [[out.prompt_logprobs[i][seq[i]].logprob for i in range(1, len(seq))]
                 for seq, out in zip(sequences, outs)]
 

@@ -46,10 +46,14 @@ class EngineClient:
         self.engines = engines
         self.inflight = [0] * len(engines)
 
-    async def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float):
+    async def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
+                       images: list | None = None):
         i = min(range(len(self.engines)), key=self.inflight.__getitem__)
         self.inflight[i] += 1
         try:
+            if images:  # vision-language prompt (rl/vision.py)
+                return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p,
+                                                                 images=images)
             return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p)
         finally:
             self.inflight[i] -= 1
@@ -63,8 +67,10 @@ class ChatRenderer:
 
     CACHE_SIZE = 4096
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, processor=None):
         self.tok = tokenizer
+        self.processor = processor  # vision-language policies: turns image parts into model inputs
+        self._mm_prompts: dict = {}
         self._prompts: dict = {}  # the episodes of a group start from the same observation
 
     @staticmethod
@@ -87,12 +93,42 @@ class ChatRenderer:
             self._prompts[key] = tuple(ids)
         return ids
 
+    def prompt_inputs(self, obs, tools: list | None = None) -> tuple[list[int], list, dict]:
+        """(prompt ids, images, mm_inputs). Text observations: (prompt_ids(...), [], {}). With image
+        content parts: ids with each image's placeholder expanded by the processor, the images (for
+        the engine) and pixel_values / image_grid_thw (for the learner); see rl/vision.py."""
+        from rl.vision import images_in, process_prompt, render_key
+
+        images = images_in(self.as_messages(obs))
+        if not images:
+            return self.prompt_ids(obs, tools), [], {}
+        if self.processor is None:
+            raise ValueError("the env's observation has image content parts but the policy has no image processor "
+                             "(a text-only model); use a vision-language policy, e.g. policy=tiny_qwen3_5_vl")
+        key = render_key(obs, tools)
+        if key is not None and key in self._mm_prompts:
+            ids, mm = self._mm_prompts[key]
+            return list(ids), images, mm
+        text = self.tok.apply_chat_template(self.as_messages(obs), tools=tools or None, add_generation_prompt=True,
+                                            tokenize=False)
+        ids, mm = process_prompt(self.processor, text, images)
+        if key is not None:
+            if len(self._mm_prompts) >= self.CACHE_SIZE:
+                self._mm_prompts.clear()
+            self._mm_prompts[key] = (tuple(ids), mm)
+        return ids, images, mm
+
     def env_turn_ids(self, obs, policy_ids: list[int]) -> list[int]:
         """Close the policy's turn (its EOS if it did not stop on its own), then the env's messages
         and the next assistant header. The template renders them after a stand-in conversation and
         only what follows the stand-in assistant turn is kept: role-dependent rendering (grouped
         tool responses, Qwen3.5 dropping <think> from turns before the last user query) cannot
         leak in, and the policy's own tokens are never re-rendered or re-tokenised."""
+        from rl.vision import images_in
+
+        if images_in(self.as_messages(obs)):
+            raise ValueError("an env reply after the first observation has image content parts; images are "
+                             "supported in the first observation only (put them in reset's obs)")
         eos = self.tok.eos_token
         close = [] if policy_ids and policy_ids[-1] == self.tok.eos_token_id else [self.tok.eos_token_id]
         base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": self._SENTINEL}]
@@ -106,10 +142,10 @@ class ChatRenderer:
 
 
 class EpisodeRunner:
-    def __init__(self, env_pool: EnvPool, engines: list, tokenizer, settings: RolloutSettings):
+    def __init__(self, env_pool: EnvPool, engines: list, tokenizer, settings: RolloutSettings, processor=None):
         self.pool, self.tok, self.s = env_pool, tokenizer, settings
         self.engine = EngineClient(engines)
-        self.render = ChatRenderer(tokenizer)
+        self.render = ChatRenderer(tokenizer, processor)
         self.stats: dict[str, float] = {}
         self.errors: list[dict] = []  # every env failure of the last run (episode slot, attempt, message)
         self._loop = asyncio.new_event_loop()
@@ -237,7 +273,8 @@ class EpisodeRunner:
         s = self.s
         handle, obs, info = await self.pool.reset(seed)
         tools = info.pop("tools", None)
-        tr = Trajectory(prompt_ids=self.render.prompt_ids(obs, tools), group=group, seed=seed, info=info)
+        prompt_ids, images, mm_inputs = self.render.prompt_inputs(obs, tools)
+        tr = Trajectory(prompt_ids=prompt_ids, group=group, seed=seed, info=info, mm_inputs=mm_inputs)
         if len(tr.prompt_ids) >= s.max_context:
             self.pool.close(handle)
             raise ValueError(f"the env's first prompt is {len(tr.prompt_ids)} tokens (seed {seed}), which leaves no "
@@ -252,7 +289,7 @@ class EpisodeRunner:
                 tr.finish_reason = tr.finish_reason or "max_turns"
                 break
             tg = time.perf_counter()
-            c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p)
+            c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p, images)
             self._counts["gen_s"] += time.perf_counter() - tg
             self._counts["gen_tokens"] += len(c.token_ids)
             tr.add_policy_tokens(list(c.token_ids), list(c.logprobs), c.versions or c.version)

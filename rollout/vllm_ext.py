@@ -24,6 +24,17 @@ for _name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_e
     logging.getLogger(_name).addFilter(_ExpectedReloadNoise())
 
 
+class _ThreadNoise(logging.Filter):
+    """vLLM's CPU worker replaces torch.set_num_threads with a warning; with the in-process engine
+    its multimodal renderer calls it twice per image request (hundreds of lines per step)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "doesn't allow to use `torch.set_num_threads`" not in record.getMessage()
+
+
+logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_ThreadNoise())
+
+
 def _prepack_cpu_moe_on_reload(model) -> None:
     """vLLM 0.32 CPU MoE (Qwen3.5-MoE on CPU): on a weight update `UnquantizedFusedMoEMethod._setup_kernel`
     skips the experts' `process_weights_after_loading`, the CPU kernel's prepack of w13/w2, so a reload
