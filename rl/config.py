@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from policies.lora import LoraConfig
 from policies.presets import ModelShape
 from policies.tiny import TinySpec
 
@@ -75,6 +76,7 @@ class LearnerConfig:
     # broadcast: a process group of learner rank 0 and the engine workers (gloo on CPU, NCCL on GPU)
     sync_transport: str = "object_store"
     ds_extra: Dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train LoRA adapters only (policies/lora.py)
 
 
 @dataclass
@@ -198,6 +200,9 @@ def validate(cfg: TrainConfig) -> None:
         )
     if l.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"learner.zero_stage={l.zero_stage}; use 0, 1, 2 or 3")
+    if l.lora.rank < 0 or l.lora.alpha <= 0 or not 0 <= l.lora.dropout < 1:
+        raise ValueError(f"learner.lora: rank={l.lora.rank} alpha={l.lora.alpha} dropout={l.lora.dropout}; use rank >= 0 "
+                         "(0: off), alpha > 0, 0 <= dropout < 1")
     validate_algorithm(cfg)
     t = cfg.trainer
     if cfg.learner.sync_transport not in ("object_store", "broadcast"):

@@ -98,6 +98,10 @@ class Controller:
         check_checkpoint_shape(self.policy_path, cfg.policy.shape)  # qwen3_5_* presets vs the folder's config.json
         self.tokenizer = load_tokenizer(self.policy_path)
         self.processor = load_processor(self.policy_path)  # vision-language policies only (else None)
+        if cfg.learner.lora.rank > 0:  # bad learner.lora.target_modules fail here, not in a Ray actor
+            from policies.lora import check_targets
+
+            check_targets(self.policy_path, cfg.learner.lora.target_modules)
         self.step = 0
         self.version = 0
         self.prompts_drawn = 0  # env seeds used so far (dynamic sampling draws extra prompts)
@@ -167,7 +171,8 @@ class Controller:
         ls = LearnerSettings(zero_stage=l.zero_stage, dtype=l.dtype, lr=l.lr, weight_decay=l.weight_decay,
                              grad_clip=l.grad_clip, micro_batch_size=l.micro_batch_size, mini_batches=l.mini_batches,
                              logprob_chunk_tokens=l.logprob_chunk_tokens, gradient_checkpointing=l.gradient_checkpointing,
-                             num_threads=l.num_threads, cpus=l.cpus, seed=cfg.seed, ds_extra=l.ds_extra)
+                             num_threads=l.num_threads, cpus=l.cpus, seed=cfg.seed, ds_extra=l.ds_extra,
+                             lora=l.lora)
         algo = AlgoSettings(policy_loss=a.policy_loss, clip_low=a.clip_low, clip_high=a.clip_high,
                             loss_agg=a.loss_agg, loss_norm_tokens=self.loss_norm_tokens,
                             kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,

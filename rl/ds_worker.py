@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from policies.lora import LoraConfig
+
 
 @dataclass
 class LearnerSettings:
@@ -25,6 +27,7 @@ class LearnerSettings:
     cpus: str | None = None  # CPU cores for this rank on CPU machines (e.g. "1"); None: no pinning
     seed: int = 0
     ds_extra: dict = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # policy learner only; rank 0: off
 
 
 def ds_config(s: LearnerSettings, world_size: int, grad_accum: int) -> dict:

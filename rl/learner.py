@@ -42,9 +42,21 @@ class Learner(DeepSpeedWorker):
         self.algo = algo
         self._setup(settings, rank, world_size, master_addr, master_port, samples_per_step)
         self.model = self._load_causal_lm(model_path)
+        self.lora = self._apply_lora(self.model) if settings.lora.rank > 0 else None
         self._initialize(self.model)
         self.version = 0
         self.engine_layout = engine_layout(model_path)  # the names engines started from model_path load
+
+    def _apply_lora(self, model) -> list[str]:
+        """LoRA adapters (policies/lora.py): only they train; the optimizer gets only them."""
+        from policies.lora import apply_lora, num_params
+
+        names = apply_lora(model, self.s.lora)
+        if self.rank == 0:
+            n = num_params(model)
+            print(f"learner.lora: rank {self.s.lora.rank} on {len(names)} modules, {n['trainable']:,} trainable of "
+                  f"{n['total']:,} parameters", flush=True)
+        return names
 
     @torch.no_grad()
     def _score(self, model, batch: dict, with_entropy: bool):
@@ -127,11 +139,17 @@ class Learner(DeepSpeedWorker):
             stats["train/kl_ref"] = summed["kl_ref"] / max(summed["tokens"], 1.0)
         return stats
 
-    def iter_hf_weights(self, copy: bool = True):
+    def iter_hf_weights(self, copy: bool = True, sync: bool = False):
         """(name, tensor) in HF checkpoint names; every rank must iterate (ZeRO-3 gathers are
         collective); tensors are returned on rank 0 only (others yield None). copy=False yields the
-        (gathered) parameter itself, valid only until the next item: consume it at once."""
+        (gathered) parameter itself, valid only until the next item: consume it at once. With LoRA:
+        merged weights, and for `sync` only the adapted modules (with their vLLM-fused siblings)."""
         module = self.engine.module
+        if self.lora:
+            from policies.lora import iter_hf_weights as lora_hf_weights
+
+            yield from lora_hf_weights(module, self._zero3_gather, self.rank == 0, sync_only=sync, copy=copy)
+            return
         if self.s.zero_stage == 3:
             import deepspeed
 
@@ -150,10 +168,19 @@ class Learner(DeepSpeedWorker):
                 yield n, (_out(p, copy) if self.rank == 0 else None)
 
     def iter_engine_weights(self, copy: bool = True):
-        """`iter_hf_weights` under the names the engines load (policies/checkpoint.py):
+        """`iter_hf_weights(sync=True)` under the names the engines load (policies/checkpoint.py):
         `model.language_model.*` for engines running a multimodal Qwen3.5 checkpoint."""
-        for name, t in self.iter_hf_weights(copy):
+        for name, t in self.iter_hf_weights(copy, sync=True):
             yield from to_checkpoint_names(name, t, self.engine_layout)
+
+    def _zero3_gather(self, params: list):
+        import contextlib
+
+        if self.s.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def init_transfer(self, engines: list, backend: str | None = None) -> bool:
         """Rank 0 forms a process group with every engine worker for broadcast weight sync

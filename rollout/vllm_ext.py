@@ -5,6 +5,10 @@ import logging
 
 # Layers with nothing to load in a reload: a tied LM head (refreshed below) and rotary embeddings.
 _EXPECTED_UNLOADED = ("ParallelLMHead", "RotaryEmbedding")
+# Other layers a reload got no tensors for (they keep their weights), collected while
+# `load_hf_weights` runs and reported in one line: a LoRA sync (learner.lora) sends only the
+# adapted modules, and vLLM would warn once per untouched layer on every sync.
+_kept: list[str] | None = None
 
 
 class _ExpectedReloadNoise(logging.Filter):
@@ -16,11 +20,16 @@ class _ExpectedReloadNoise(logging.Filter):
         msg = record.getMessage()
         if msg.endswith("Failed to load weights") and msg.startswith(_EXPECTED_UNLOADED):
             return False
+        if _kept is not None and msg.endswith("Failed to load weights"):
+            _kept.append(msg.split(":")[0])
+            return False
+        if _kept is not None and msg.startswith("Following weights were not loaded"):
+            return False
         return not (msg.startswith("Attempted to load weight") and "with dtype" in msg)
 
 
 for _name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.weight_utils",
-              "vllm.model_executor.models.utils"):
+              "vllm.model_executor.models.utils", "vllm.model_executor.model_loader.reload.inplace"):
     logging.getLogger(_name).addFilter(_ExpectedReloadNoise())
 
 
@@ -69,7 +78,19 @@ class WeightSyncExtension:
         # plain `model.load_weights` after start-up does not.
         named_tensors = list(named_tensors)
         _prepack_cpu_moe_on_reload(self.model_runner.model)
-        self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        global _kept
+        _kept = []
+        try:
+            self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        finally:
+            kept, _kept = _kept, None
+        if kept:
+            from collections import Counter
+
+            layers = ", ".join(f"{k} x{n}" for k, n in sorted(Counter(kept).items()))
+            logging.getLogger("vllm.weight_sync").info(
+                "weight reload: %d tensors; %d layers were not in this sync and kept their weights (%s)",
+                len(named_tensors), len(kept), layers)
         self._refresh_tied_lm_head()
         return len(named_tensors)
 
@@ -106,8 +127,22 @@ class WeightSyncExtension:
 
     def named_weights(self) -> dict:
         """A copy of every engine parameter, in vLLM's own (fused, processed) layout: for tests
-        that compare two engines' weights exactly. Small models only."""
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.model_runner.model.named_parameters()}
+        that compare two engines' weights exactly. Small models only. On CPU, linear layers keep
+        their weights prepacked inside a kernel (the `weight` parameter is emptied): those are read
+        back by multiplying the identity, as a fused [out, in] matrix (no bias)."""
+        import torch
+
+        out = {}
+        modules = dict(self.model_runner.model.named_modules())
+        for n, p in self.model_runner.model.named_parameters():
+            mod_name, _, leaf = n.rpartition(".")
+            mod = modules.get(mod_name)
+            if leaf == "weight" and p.numel() == 0 and hasattr(mod, "cpu_linear"):
+                eye = torch.eye(getattr(mod, "input_size_per_partition", mod.input_size), dtype=p.dtype)  # Replicated: input_size
+                out[n] = mod.cpu_linear(eye, p, None).t().contiguous()
+            else:
+                out[n] = p.detach().to("cpu", copy=True)
+        return out
 
     def _refresh_tied_lm_head(self) -> None:
         """With tied embeddings no `lm_head.*` weight is loaded, so a layerwise reload leaves the LM
