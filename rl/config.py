@@ -68,6 +68,9 @@ class LearnerConfig:
     micro_batch_size: int = 64
     mini_batches: int = 1
     logprob_chunk_tokens: int = 4096
+    # pack each micro-batch into one row with per-sample boundaries (Gated DeltaNet state reset per
+    # sample, block-diagonal attention): no compute on padding; off: right-padded micro-batches
+    packing: bool = True
     gradient_checkpointing: bool = False
     num_threads: int = 1
     cpus: Optional[str] = None  # CPU machines: pin each learner rank to these cores, e.g. "1" (null: no pinning)

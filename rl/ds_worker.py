@@ -22,6 +22,7 @@ class LearnerSettings:
     micro_batch_size: int = 64
     mini_batches: int = 1  # optimizer steps per rollout batch
     logprob_chunk_tokens: int = 4096
+    packing: bool = True  # micro-batches as one packed row (per-sample boundaries, no padding)
     gradient_checkpointing: bool = False
     num_threads: int = 1
     cpus: str | None = None  # CPU cores for this rank on CPU machines (e.g. "1"); None: no pinning

@@ -16,6 +16,9 @@ from policies.checkpoint import engine_layout, to_checkpoint_names
 from rl.algorithms import kl_estimate, policy_objective
 from rl.ds_worker import DeepSpeedWorker, LearnerSettings, ds_config, register_zero3_external_params  # noqa: F401
 from rl.logprobs import token_logprobs
+from rl.vision import model_inputs as vision_inputs
+from rl.packing import packed_token_logprobs, supports_packing
+from rl.packing import prepare as prepare_packing
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Learner(DeepSpeedWorker):
         self._setup(settings, rank, world_size, master_addr, master_port, samples_per_step)
         self.model = self._load_causal_lm(model_path)
         self.lora = self._apply_lora(self.model) if settings.lora.rank > 0 else None
+        self.packing = settings.packing and self._enable_packing(self.model)
         self._initialize(self.model)
         self.version = 0
         self.engine_layout = engine_layout(model_path)  # the names engines started from model_path load
@@ -58,13 +62,30 @@ class Learner(DeepSpeedWorker):
                   f"{n['total']:,} parameters", flush=True)
         return names
 
+    def _enable_packing(self, model) -> bool:
+        ok, why = supports_packing(model)
+        if not ok:
+            if self.rank == 0:
+                print(f"learner.packing: off for this model ({why}); micro-batches are padded instead", flush=True)
+            return False
+        prepare_packing(model)
+        return True
+
+    def _logprobs(self, model, mb: dict, with_entropy: bool):
+        """Token logprobs [b, T-1] (and entropy) of a micro-batch, packed or padded."""
+        if self.packing:
+            return packed_token_logprobs(model, mb["input_ids"], mb["lengths"], self.s.logprob_chunk_tokens,
+                                         with_entropy)
+        return token_logprobs(model, mb["input_ids"], self.s.logprob_chunk_tokens, with_entropy,
+                              **vision_inputs(model, mb))  # VL policy: images merged in ({} for text)
+
     @torch.no_grad()
     def _score(self, model, batch: dict, with_entropy: bool):
         out_lp, out_ent = [], []
         model.eval()
         T = batch["input_ids"].shape[1] - 1
         for mb in self._micro(batch, self.s.micro_batch_size):
-            res = token_logprobs(model, mb["input_ids"], self.s.logprob_chunk_tokens, with_entropy)
+            res = self._logprobs(model, mb, with_entropy)
             lp, ent = res if with_entropy else (res, None)
             out_lp.append(self._pad_to(lp, T))
             if with_entropy:
@@ -111,7 +132,7 @@ class Learner(DeepSpeedWorker):
             part = {k: v[m * mini : (m + 1) * mini] for k, v in local.items()}
             num_tokens, num_seqs = self._global_counts(part)
             for mb in self._micro(part, self.s.micro_batch_size):
-                res = token_logprobs(self.engine.module, mb["input_ids"], self.s.logprob_chunk_tokens, with_ent)
+                res = self._logprobs(self.engine.module, mb, with_ent)
                 lp, ent = res if with_ent else (res, None)
                 loss, st = policy_objective(
                     lp.float(), mb["old_logprobs"], mb["advantages"], mb["loss_mask"], policy_loss=a.policy_loss,
@@ -286,10 +307,11 @@ class Learner(DeepSpeedWorker):
         sd = self.hf_state_dict()
         if self.rank != 0:
             return None
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         cfg = self.engine.module.config
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        vl = getattr(cfg, "vision_config", None) is not None  # e.g. Qwen3_5ForConditionalGeneration
+        model = (AutoModelForImageTextToText if vl else AutoModelForCausalLM).from_config(cfg, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         bad = [k for k in missing if "lm_head" not in k]
         if bad or unexpected:
@@ -300,6 +322,10 @@ class Learner(DeepSpeedWorker):
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(folder)
+            if vl:  # the image processor too
+                from policies.build import load_processor
+
+                load_processor(tokenizer_path).save_pretrained(folder)
         return folder
 
     def get_version(self) -> int:

@@ -17,21 +17,15 @@ def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tenso
     return lp
 
 
-def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Final hidden states of a *ForCausalLM (its decoder, without the LM head)."""
-    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return model.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
 
 
-def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 4096, with_entropy: bool = False
-):
-    """logprob of input_ids[:, t+1] given input_ids[:, :t+1]; returns [B, T-1] (and entropy [B, T-1],
-    differentiable when autograd is on: the entropy bonus trains through it)."""
-    head = model.get_output_embeddings()
-    h = hidden_states(model, input_ids)[:, :-1]
-    B, T, H = h.shape
-    targets = input_ids[:, 1:].reshape(-1)
-    flat = h.reshape(-1, H)
+def head_logprobs(head: torch.nn.Module, flat: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                  with_entropy: bool = False):
+    """logprob of `targets` [n] under head(flat [n, H]), `chunk_tokens` rows of logits at a time
+    (and the entropy [n], differentiable when autograd is on)."""
     n = flat.shape[0]
     pieces, ents = [], []
     for start in range(0, n, chunk_tokens):
@@ -44,7 +38,23 @@ def token_logprobs(
         pieces.append(lp)
         if with_entropy:
             ents.append(ent)
-    lp = torch.cat(pieces).view(B, T)
+    lp = torch.cat(pieces) if pieces else flat.new_zeros(0)
     if with_entropy:
-        return lp, torch.cat(ents).view(B, T)
+        return lp, (torch.cat(ents) if ents else flat.new_zeros(0))
     return lp
+
+
+def token_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 4096, with_entropy: bool = False,
+    **model_kwargs,
+):
+    """logprob of input_ids[:, t+1] given input_ids[:, :t+1]; returns [B, T-1] (and entropy [B, T-1],
+    differentiable when autograd is on: the entropy bonus trains through it). `model_kwargs` go to
+    the decoder (vision-language models: pixel_values, image_grid_thw, mm_token_type_ids)."""
+    head = model.get_output_embeddings()
+    h = hidden_states(model, input_ids, **model_kwargs)[:, :-1]
+    B, T, H = h.shape
+    res = head_logprobs(head, h.reshape(-1, H), input_ids[:, 1:].reshape(-1), chunk_tokens, with_entropy)
+    if with_entropy:
+        return res[0].view(B, T), res[1].view(B, T)
+    return res.view(B, T)

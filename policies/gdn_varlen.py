@@ -1,0 +1,141 @@
+"""Packed-sequence (varlen) forward for Qwen3.5's Gated DeltaNet layers.
+
+transformers' Gated DeltaNet takes `cu_seq_lens_q` from the model kwargs, but its PyTorch fallbacks
+(`causal_conv1d_fn`, `torch_chunk_gated_delta_rule`) ignore it: on a packed row the causal conv and
+the recurrent state run straight across sample boundaries, so sample k+1 sees sample k's state (the
+leak prime-rl measured at ~0.23 mismatch KL). `install_varlen(model)` wraps every Gated DeltaNet
+module so that, when `cu_seq_lens_q` is passed, each sample starts from a zero conv history and a
+zero recurrent state:
+
+- conv: one depthwise conv over the whole row, then the first (kernel-1) outputs of each sample are
+  recomputed from that sample's own tokens;
+- delta rule: fla's varlen kernel (`cu_seqlens`) when it is installed and the tensors are on CUDA;
+  otherwise the samples are re-batched right-padded ([S, max_len]) for the PyTorch chunked rule
+  (right padding cannot affect earlier positions: the rule is causal).
+
+Projections, norms and the output projection run on the packed row. Without `cu_seq_lens_q`, or with
+a cache (generation), the original forward runs unchanged.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+_MARK = "_qrl_varlen_installed"
+
+
+def is_gated_deltanet(module: torch.nn.Module) -> bool:
+    return type(module).__name__.endswith("GatedDeltaNet")
+
+
+def install_varlen(model: torch.nn.Module) -> int:
+    """Wrap the forward of every Gated DeltaNet module in `model`; returns how many were wrapped."""
+    n = 0
+    for module in model.modules():
+        if is_gated_deltanet(module) and not getattr(module, _MARK, False):
+            original = module.forward
+
+            def forward(self, hidden_states, cache_params=None, attention_mask=None, _orig=original, **kwargs):
+                cu = kwargs.get("cu_seq_lens_q")
+                if cu is None or cache_params is not None:
+                    return _orig(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+                return varlen_forward(self, hidden_states, cu)
+
+            module.forward = types.MethodType(forward, module)
+            setattr(module, _MARK, True)
+            n += 1
+    return n
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] index of the sample each packed position belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+
+
+def varlen_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, activation: str | None,
+                       cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv of a packed row x [C, N] where every sample starts from zero history:
+    one conv over the whole row, then the first (kernel-1) outputs of every sample are recomputed
+    from that sample's own tokens only (a few [C, samples] gathers in fp32; no copy of the row, no
+    host sync)."""
+    C, N = x.shape
+    k = weight.shape[-1]
+    y = F.conv1d(x.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), bias, padding=k - 1, groups=C)[0, :, :N]
+    starts, ends = cu_seqlens[1:-1].long(), cu_seqlens[2:].long()
+    if starts.numel():
+        rows = torch.arange(C, device=y.device).unsqueeze(1)
+        w = weight.float()
+        for p in range(k - 1):  # the p-th position of every sample but the first
+            t = starts + p
+            inside = (t < ends).unsqueeze(0)  # a sample shorter than p+1 tokens has no p-th position
+            t = t.clamp(max=N - 1)
+            fixed = bias.float().unsqueeze(1).expand(C, len(t)) if bias is not None else 0.0
+            for j in range(p + 1):  # lags that stay inside the sample
+                fixed = fixed + w[:, k - 1 - j].unsqueeze(1) * x[:, t - j].float()
+            # t is strictly increasing over samples, so no two samples write the same position
+            y = y.index_put((rows, t.unsqueeze(0)), torch.where(inside, fixed.to(y.dtype), y[:, t]))
+    if activation is not None:
+        from transformers.activations import ACT2FN
+
+        y = ACT2FN[activation](y)
+    return y.to(x.dtype)
+
+
+def _fla_chunk_rule():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # noqa: BLE001 - fla missing or unusable here: PyTorch path
+        return None
+    return chunk_gated_delta_rule
+
+
+def varlen_delta_rule(module, q, k, v, g, beta, cu_seqlens):
+    """Gated delta rule over a packed row (tensors [1, N, heads, dim]) with a fresh state per sample."""
+    fla_rule = _fla_chunk_rule() if q.is_cuda else None
+    if fla_rule is not None:
+        out, _ = fla_rule(q, k, v, g=g, beta=beta, cu_seqlens=cu_seqlens.long(), use_qk_l2norm_in_kernel=True)
+        return out
+    rule = sys.modules[type(module).__module__].torch_chunk_gated_delta_rule
+    N = q.shape[1]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    S, L = len(lengths), int(lengths.max())
+    seg = segment_ids(cu_seqlens, N)
+    pos = torch.arange(N, device=q.device) - cu_seqlens[:-1].long()[seg]
+
+    def batch(x):  # [1, N, ...] -> [S, L, ...], right-padded with zeros
+        out = x.new_zeros((S, L) + tuple(x.shape[2:]))
+        out[seg, pos] = x[0]
+        return out
+
+    out, _ = rule(batch(q), batch(k), batch(v), g=batch(g), beta=batch(beta), initial_state=None,
+                  output_final_state=False, use_qk_l2norm_in_kernel=True)
+    return out[seg, pos].unsqueeze(0)
+
+
+def varlen_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The Gated DeltaNet forward of transformers' Qwen3.5 (no cache) on one packed row [1, N, H]."""
+    if hidden_states.shape[0] != 1:
+        raise ValueError(f"packed Gated DeltaNet input must be one row [1, N, H], got {tuple(hidden_states.shape)}")
+    _, N, _ = hidden_states.shape
+    mixed_qkv = self.in_proj_qkv(hidden_states)[0].transpose(0, 1)  # [C, N]
+    z = self.in_proj_z(hidden_states).reshape(1, N, -1, self.head_v_dim)
+    b = self.in_proj_b(hidden_states)
+    a = self.in_proj_a(hidden_states)
+    mixed_qkv = varlen_causal_conv(mixed_qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation,
+                                   cu_seqlens).transpose(0, 1).unsqueeze(0)  # [1, N, C]
+    query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+    query = query.reshape(1, N, -1, self.head_k_dim)
+    key = key.reshape(1, N, -1, self.head_k_dim)
+    value = value.reshape(1, N, -1, self.head_v_dim)
+    beta = b.sigmoid()
+    g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+    if self.num_v_heads // self.num_k_heads > 1:
+        query = query.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+        key = key.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+    core = varlen_delta_rule(self, query, key, value, g, beta, cu_seqlens)
+    core = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+    return self.out_proj(core.reshape(1, N, -1))

@@ -1,0 +1,77 @@
+"""Sequence packing for the learner: the samples of a micro-batch are laid end to end in one row
+(no padding), with positions restarting at 0 and `cu_seq_lens` marking the boundaries.
+
+Full attention runs per sample (re-batched causal SDPA, `policies/packed_attention.py`; without it
+transformers would build an [N x N] block-diagonal mask from the restarting positions), flash-attention
+kernels get `cu_seq_lens_*`, and Qwen3.5's Gated DeltaNet layers get
+a fresh conv history and recurrent state per sample (`policies/gdn_varlen.py`): no state crosses a
+sample boundary, so packed logprobs equal unpacked ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from policies.gdn_varlen import install_varlen, is_gated_deltanet
+from policies.packed_attention import use_packed_attention
+from rl.logprobs import head_logprobs, hidden_states
+
+
+def supports_packing(model: torch.nn.Module) -> tuple[bool, str]:
+    """(True, "") when packed rows are exact for this model; else (False, why)."""
+    cfg = model.config
+    if getattr(cfg, "vision_config", None) is not None:
+        return False, "vision-language models use multimodal (mrope) positions; packing is text-only"
+    if any(type(m).__name__.endswith(("Mamba", "MambaMixer")) for m in model.modules()):
+        return False, "state-space layers other than Gated DeltaNet have no varlen path here"
+    return True, ""
+
+
+def prepare(model: torch.nn.Module) -> int:
+    """Make `model` packing-safe and fast: wraps its Gated DeltaNet layers (returns how many) and runs
+    full attention per sample (`policies/packed_attention.py`) instead of under an [N x N] mask."""
+    use_packed_attention(model)
+    return install_varlen(model)
+
+
+def pack(input_ids: torch.Tensor, lengths: torch.Tensor):
+    """input_ids [B, T] right-padded, lengths [B] -> (ids [1, N], position_ids [1, N], cu_seqlens [B+1] int32)."""
+    lengths = lengths.to(torch.long).cpu()
+    B, T = input_ids.shape
+    keep = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T]
+    ids = input_ids[keep.to(input_ids.device)].unsqueeze(0)
+    positions = torch.arange(T).unsqueeze(0).expand(B, T)[keep].unsqueeze(0).to(input_ids.device)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return ids, positions, cu.to(input_ids.device)
+
+
+def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
+                          chunk_tokens: int = 4096, with_entropy: bool = False):
+    """Same result as `rl.logprobs.token_logprobs(model, input_ids)` on the valid positions
+    ([B, T-1], zeros past each sample's end), computed on one packed row."""
+    B, T = input_ids.shape
+    ids, positions, cu = pack(input_ids, lengths)
+    L = int(lengths.max())
+    h = hidden_states(model, ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                      max_length_q=L, max_length_k=L)[0]  # [N, H]
+    N = ids.shape[1]
+    # every position except each sample's last predicts the next packed token
+    is_last = torch.zeros(N, dtype=torch.bool, device=ids.device)
+    is_last[(cu[1:] - 1).long()] = True
+    src = torch.nonzero(~is_last).squeeze(1)
+    res = head_logprobs(model.get_output_embeddings(), h[src], ids[0, src + 1], chunk_tokens, with_entropy)
+    lens = lengths.to(torch.long).to(ids.device)
+    row = torch.repeat_interleave(torch.arange(B, device=ids.device), (lens - 1).clamp(min=0))
+    col = positions[0, src]
+
+    def unpack(x):
+        out = x.new_zeros(B, T - 1)
+        return out.index_put((row, col), x)
+
+    if with_entropy:
+        return unpack(res[0]), unpack(res[1])
+    return unpack(res)
+
+
+def count_gated_deltanet(model: torch.nn.Module) -> int:
+    return sum(1 for m in model.modules() if is_gated_deltanet(m))
