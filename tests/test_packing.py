@@ -25,6 +25,16 @@ def tiny_model(family: str, seed: int = 0):
                                 linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
                                 layer_types=["linear_attention"] * 3 + ["full_attention"], initializer_range=0.1)
         return Qwen3_5ForCausalLM(cfg).float()
+    if family == "qwen3_5_moe":
+        from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+        cfg = Qwen3_5MoeTextConfig(vocab_size=300, hidden_size=64, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                   linear_value_head_dim=16, layer_types=["linear_attention"] * 3 + ["full_attention"],
+                                   initializer_range=0.1)
+        return Qwen3_5MoeForCausalLM(cfg).float()
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cfg = Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -72,8 +82,9 @@ def test_varlen_conv_equals_per_sample_conv():
         torch.testing.assert_close(out[:, a:b], ref)
 
 
-def test_packed_logprobs_equal_unpacked_qwen3_5():
-    model = tiny_model("qwen3_5").eval()
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_packed_logprobs_equal_unpacked_qwen3_5(family):
+    model = tiny_model(family).eval()
     ids, lengths = padded_batch()
     ref = one_by_one(model, ids, lengths)
     with torch.no_grad():
