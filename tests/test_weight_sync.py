@@ -150,10 +150,12 @@ def test_qwen3_5_synced_engine_equals_fresh_engine(ray_cluster, tiny_path, tmp_p
     assert mismatch.mean().item() < 0.1  # bf16 noise level, not a broken sync
 
 
-def test_zero3_two_ranks_qwen3_5_trains_every_parameter(ray_cluster, tiny_path):
-    """Under ZeRO-3 (GDN blocks as leaf modules) one step changes every trainable weight; none frozen."""
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_zero3_two_ranks_qwen3_5_trains_every_parameter(ray_cluster, tiny_path, family):
+    """Under ZeRO-3 one step changes every trainable weight of the hybrid model (GDN conv weights read
+    outside their module, fused MoE experts, packed micro-batches); none silently frozen."""
     ray = ray_cluster
-    path = tiny_path("qwen3_5")
+    path = tiny_path(family)
     port = free_port()
     cls = ray.remote(num_cpus=0.25)(Learner)
     learners = [cls.remote(path, LearnerSettings(micro_batch_size=4, lr=1e-2, zero_stage=3), AlgoSettings(),
