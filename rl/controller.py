@@ -528,6 +528,17 @@ class Controller:
             ray.shutdown()
 
 
+def _write_report(run_dir) -> None:
+    """report.png + report.md of whatever steps finished (also after a failure); never masks an error."""
+    from rl.report import write_report
+
+    try:
+        png, _ = write_report(run_dir)
+        print(f"[qrl] report: {png.resolve()}", flush=True)
+    except Exception as e:  # noqa: BLE001 - a missing plot must not hide the run's own outcome
+        print(f"[qrl] no report written ({type(e).__name__}: {e}); later: python -m rl.report {run_dir}", flush=True)
+
+
 def run_training(cfg, run_dir: str | Path) -> Path:
     """Full run: returns the path of metrics.jsonl."""
     cfg = _as_dataclass(cfg)
@@ -543,5 +554,6 @@ def run_training(cfg, run_dir: str | Path) -> Path:
     finally:
         logger.close()
         ctl.close()
+        _write_report(run_dir)
     print(f"[qrl] done; metrics written to {logger.metrics_path.resolve()}", flush=True)
     return logger.metrics_path

@@ -33,6 +33,9 @@ def test_default_config_runs_and_reports(tmp_path):
         assert m["sync/bytes"] > 0 and m["env/failed_episodes"] == 0
         assert 0 <= m["mismatch/kl"] < 0.05
     assert (tmp_path / "run" / "wandb").is_dir()  # offline W&B run inside the run folder
+    assert f"report: {tmp_path / 'run' / 'report.png'}" in proc.stdout
+    assert (tmp_path / "run" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| reward/mean |" in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("backend", ["inproc", "async"])
