@@ -139,6 +139,9 @@ class LoggerConfig:
     run_name: Optional[str] = None
     mode: str = "auto"  # auto: online with WANDB_API_KEY, offline otherwise
     progress: bool = True
+    # every N steps (0: never) a few rollouts go to <run>/samples.jsonl and to a W&B table "rollouts"
+    samples_every: int = 10
+    samples_per_step: int = 8
 
 
 @dataclass

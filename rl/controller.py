@@ -16,6 +16,7 @@ from rl.algorithms import NEEDS_CRITIC, compute_advantages, groups_with_signal, 
 from rl.config import TrainConfig, validate
 from rl.critic import Critic
 from rl.learner import AlgoSettings, Learner, LearnerSettings
+from rl.logger import SAMPLES_KEY
 from rl.monitor import MismatchMonitor
 from rl.reference import ReferencePolicy
 from rl.logger import RunLogger
@@ -487,11 +488,26 @@ class Controller:
             "timing/learn_s": time.perf_counter() - t0,
             **rollout_stats, **adv_stats, **stats,
         }
+        lg = cfg.logger
+        if lg.samples_every > 0 and self.step % lg.samples_every == 0:
+            metrics[SAMPLES_KEY] = self._rollout_samples(ok, lg.samples_per_step)
         warning = self.mismatch_monitor.update(metrics["mismatch/kl"])
         metrics["mismatch/jump"] = int(warning is not None)
         if warning:
             print(f"[qrl] warning (step {self.step}): {warning}", flush=True)
         return metrics
+
+    def _rollout_samples(self, trajs: list, n: int) -> list[dict]:
+        """Up to `n` episodes of this step, one per group first (prompt, response, reward, version)."""
+        by_group: dict[int, list] = {}
+        for t in trajs:
+            by_group.setdefault(t.group, []).append(t)
+        firsts = [g[0] for g in by_group.values()]
+        rest = [t for g in by_group.values() for t in g[1:]]
+        dec = self.tokenizer.decode
+        return [{"step": self.step, "group": t.group, "seed": t.seed, "prompt": dec(t.prompt_ids),
+                 "response": dec(t.response_ids), "reward": float(t.reward), "version": t.min_version,
+                 "finish_reason": t.finish_reason, "turns": t.turns} for t in (firsts + rest)[:n]]
 
     def _log_env_errors(self) -> None:
         """Every env failure of this step (also the retried ones) goes to env_errors.jsonl."""

@@ -6,6 +6,9 @@ import math
 import os
 from pathlib import Path
 
+SAMPLES_KEY = "_rollout_samples"  # a metrics entry carrying rollout rows: samples.jsonl + W&B table
+SAMPLE_COLUMNS = ["step", "group", "seed", "prompt", "response", "reward", "version", "finish_reason", "turns"]
+
 
 class RunLogger:
     def __init__(self, run_dir: str | Path, backend: str = "console", project: str = "qrl",
@@ -34,6 +37,9 @@ class RunLogger:
             self.bar = tqdm(total=self._total, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, metrics: dict) -> None:
+        samples = metrics.pop(SAMPLES_KEY, None)
+        if samples:
+            self.log_samples(samples, int(metrics.get("step", 0)))
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
         self._f.write(json.dumps(clean) + "\n")
@@ -46,6 +52,17 @@ class RunLogger:
                 "tok/s": f"{clean.get('rollout/tokens_per_s', 0):.0f}",
                 "v": clean.get("policy/version"),
             })
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """Rollouts as rows: appended to samples.jsonl, and a W&B table `rollouts` at this step."""
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=SAMPLE_COLUMNS, data=[[r.get(c) for c in SAMPLE_COLUMNS] for r in rows])
+            self.wandb.log({"rollouts": table}, step=step)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -36,6 +36,11 @@ def test_default_config_runs_and_reports(tmp_path):
     assert f"report: {tmp_path / 'run' / 'report.png'}" in proc.stdout
     assert (tmp_path / "run" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| reward/mean |" in (tmp_path / "run" / "report.md").read_text()
+    samples = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {s["step"] for s in samples} == {0}  # logger.samples_every=10: step 0 only
+    assert all(s["prompt"] and isinstance(s["reward"], float) and s["version"] == 0 for s in samples)
+    assert len({s["group"] for s in samples}) == 8  # one per group first
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/rollouts_0_*.table.json"))
 
 
 @pytest.mark.parametrize("backend", ["inproc", "async"])
