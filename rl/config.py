@@ -167,6 +167,7 @@ class TrainConfig:
     seed: int = 0
     cache_dir: Optional[str] = None  # tiny models are built here (default ~/.cache/qrl)
     run_dir: Optional[str] = None  # default: the Hydra run folder
+    export_final: bool = True  # at the end of a run: an HF checkpoint folder <run_dir>/final (+ tokenizer)
 
 
 def register_configs() -> None:

@@ -497,6 +497,14 @@ class Controller:
             print(f"[qrl] warning (step {self.step}): {warning}", flush=True)
         return metrics
 
+    def export(self, folder: str | Path) -> str:
+        """An HF checkpoint folder of the current policy (weights + config + tokenizer/processor);
+        LoRA runs export merged weights."""
+        import ray
+
+        out = ray.get([x.save_hf.remote(str(folder), self.policy_path) for x in self.learners])
+        return out[0]
+
     def _rollout_samples(self, trajs: list, n: int) -> list[dict]:
         """Up to `n` episodes of this step, one per group first (prompt, response, reward, version)."""
         by_group: dict[int, list] = {}
@@ -567,6 +575,8 @@ def run_training(cfg, run_dir: str | Path) -> Path:
         logger.start_progress()
         for _ in range(cfg.steps):
             logger.log(ctl.train_step())
+        if cfg.export_final:
+            print(f"[qrl] final checkpoint: {ctl.export(Path(run_dir) / 'final')}", flush=True)
     finally:
         logger.close()
         ctl.close()

@@ -41,6 +41,12 @@ def test_default_config_runs_and_reports(tmp_path):
     assert all(s["prompt"] and isinstance(s["reward"], float) and s["version"] == 0 for s in samples)
     assert len({s["group"] for s in samples}) == 8  # one per group first
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/rollouts_0_*.table.json"))
+    final = tmp_path / "run" / "final"  # export_final: an HF checkpoint transformers loads
+    assert f"final checkpoint: {final}" in proc.stdout
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert AutoTokenizer.from_pretrained(final).chat_template and model.config.model_type == "qwen3_5_text"
 
 
 @pytest.mark.parametrize("backend", ["inproc", "async"])
