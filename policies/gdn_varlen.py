@@ -50,10 +50,12 @@ def install_varlen(model: torch.nn.Module) -> int:
     return n
 
 
-def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[total] index of the sample each packed position belongs to."""
+def segment_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the `total` packed positions: the sample it belongs to and its position in it
+    (the indices that re-batch a packed row as [samples, max_len], right-padded)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+    return seg, torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seg]
 
 
 def varlen_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, activation: str | None,
@@ -103,8 +105,7 @@ def varlen_delta_rule(module, q, k, v, g, beta, cu_seqlens):
     N = q.shape[1]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     S, L = len(lengths), int(lengths.max())
-    seg = segment_ids(cu_seqlens, N)
-    pos = torch.arange(N, device=q.device) - cu_seqlens[:-1].long()[seg]
+    seg, pos = segment_positions(cu_seqlens, N)
 
     def batch(x):  # [1, N, ...] -> [S, L, ...], right-padded with zeros
         out = x.new_zeros((S, L) + tuple(x.shape[2:]))

@@ -20,14 +20,13 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     if cu is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    from policies.gdn_varlen import segment_ids
+    from policies.gdn_varlen import segment_positions
 
     _, Hq, N, D = query.shape
     lengths = (cu[1:] - cu[:-1]).long()
     S = len(lengths)
     L = int(kwargs.get("max_length_q") or lengths.max())  # passed by rl/packing.py: no host sync per layer
-    seg = segment_ids(cu, N)
-    pos = torch.arange(N, device=query.device) - cu[:-1].long()[seg]
+    seg, pos = segment_positions(cu, N)
 
     def batch(x):  # [1, h, N, d] -> [S, h, L, d]
         out = x.new_zeros(S, x.shape[1], L, x.shape[3])

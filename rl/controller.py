@@ -16,10 +16,9 @@ from rl.algorithms import NEEDS_CRITIC, compute_advantages, groups_with_signal, 
 from rl.config import TrainConfig, validate
 from rl.critic import Critic
 from rl.learner import AlgoSettings, Learner, LearnerSettings
-from rl.logger import SAMPLES_KEY
+from rl.logger import SAMPLES_KEY, RunLogger
 from rl.monitor import MismatchMonitor
 from rl.reference import ReferencePolicy
-from rl.logger import RunLogger
 from rl.trajectory import collate, group_staleness
 
 

@@ -82,16 +82,23 @@ class ChatRenderer:
             key = json.dumps([obs, tools], sort_keys=True)
         except (TypeError, ValueError):  # not JSON-able (e.g. images): render every time
             key = None
-        if key is not None and key in self._prompts:
-            return list(self._prompts[key])
-        out = self.tok.apply_chat_template(self.as_messages(obs), tools=tools or None,
-                                           add_generation_prompt=True, tokenize=True)
-        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-        if key is not None:
-            if len(self._prompts) >= self.CACHE_SIZE:
-                self._prompts.clear()
-            self._prompts[key] = tuple(ids)
-        return ids
+
+        def render():
+            out = self.tok.apply_chat_template(self.as_messages(obs), tools=tools or None,
+                                               add_generation_prompt=True, tokenize=True)
+            return tuple(out["input_ids"] if hasattr(out, "keys") else out)
+
+        return list(self._cached(self._prompts, key, render))
+
+    def _cached(self, cache: dict, key: str | None, build):
+        """build() once per key (at most CACHE_SIZE keys, then start over); key None: not cached."""
+        if key is None:
+            return build()
+        if key not in cache:
+            if len(cache) >= self.CACHE_SIZE:
+                cache.clear()
+            cache[key] = build()
+        return cache[key]
 
     def prompt_inputs(self, obs, tools: list | None = None) -> tuple[list[int], list, dict]:
         """(prompt ids, images, mm_inputs). Text observations: (prompt_ids(...), [], {}). With image
@@ -105,18 +112,15 @@ class ChatRenderer:
         if self.processor is None:
             raise ValueError("the env's observation has image content parts but the policy has no image processor "
                              "(a text-only model); use a vision-language policy, e.g. policy=tiny_qwen3_5_vl")
-        key = render_key(obs, tools)
-        if key is not None and key in self._mm_prompts:
-            ids, mm = self._mm_prompts[key]
-            return list(ids), images, mm
-        text = self.tok.apply_chat_template(self.as_messages(obs), tools=tools or None, add_generation_prompt=True,
-                                            tokenize=False)
-        ids, mm = process_prompt(self.processor, text, images)
-        if key is not None:
-            if len(self._mm_prompts) >= self.CACHE_SIZE:
-                self._mm_prompts.clear()
-            self._mm_prompts[key] = (tuple(ids), mm)
-        return ids, images, mm
+
+        def render():
+            text = self.tok.apply_chat_template(self.as_messages(obs), tools=tools or None,
+                                                add_generation_prompt=True, tokenize=False)
+            ids, mm = process_prompt(self.processor, text, images)
+            return tuple(ids), mm
+
+        ids, mm = self._cached(self._mm_prompts, render_key(obs, tools), render)
+        return list(ids), images, mm
 
     def env_turn_ids(self, obs, policy_ids: list[int]) -> list[int]:
         """Close the policy's turn (its EOS if it did not stop on its own), then the env's messages
