@@ -1,6 +1,8 @@
 """RunLogger: metrics.jsonl, rollout samples (samples.jsonl + a W&B table) in a real offline W&B run."""
 import json
 
+import wandb
+
 from rl.logger import SAMPLE_COLUMNS, SAMPLES_KEY, RunLogger, read_metrics
 
 
@@ -13,6 +15,9 @@ def test_offline_wandb_run_holds_metrics_and_rollout_table(tmp_path, monkeypatch
     lg.log({"step": 0, "reward/mean": 0.25, SAMPLES_KEY: rows})
     lg.log({"step": 1, "reward/mean": 0.5})
     lg.close()
+    # run.finish() returns before wandb-core has closed the run's history file (seen on a loaded CI machine);
+    # teardown waits for the W&B service to exit, as the atexit hook does when a training process ends
+    wandb.teardown()
     metrics = read_metrics(tmp_path / "metrics.jsonl")
     assert [m["reward/mean"] for m in metrics] == [0.25, 0.5] and all(SAMPLES_KEY not in m for m in metrics)
     saved = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
