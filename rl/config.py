@@ -145,6 +145,17 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """<run>/checkpoints/step_XXXXXX (rl/checkpoint.py): learner (+critic) DeepSpeed state, RNGs, env
+    seed position, policy version, and the policy as an HF folder; `resume=<run folder>` continues."""
+    every: int = 50  # steps between checkpoints (0: only at the end and on Ctrl-C / SIGTERM)
+    keep_last: int = 2  # older complete checkpoints are deleted (0: keep all)
+    at_end: bool = True  # also after the last step (so `resume=<run> steps=<more>` extends a run)
+    on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the current step, save, stop
+    hf: bool = True  # include hf/, the policy as an HF checkpoint folder (for rl.eval / vLLM)
+
+
+@dataclass
 class RayConfig:
     # null: join the running cluster if there is one (RAY_ADDRESS or `ray start`), else start a local
     # one; "local": always start a local one; "auto" or host:port: join that cluster.
@@ -168,6 +179,10 @@ class TrainConfig:
     cache_dir: Optional[str] = None  # tiny models are built here (default ~/.cache/qrl)
     run_dir: Optional[str] = None  # default: the Hydra run folder
     export_final: bool = True  # at the end of a run: an HF checkpoint folder <run_dir>/final (+ tokenizer)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # continue a run: its folder (newest complete checkpoint), a checkpoints/step_XXXXXX folder, or
+    # `latest` (newest under outputs/); the run's own overrides are re-applied, new ones win
+    resume: Optional[str] = None
 
 
 def register_configs() -> None:
@@ -228,6 +243,9 @@ def validate(cfg: TrainConfig) -> None:
             f"ray.temp_dir={cfg.ray.temp_dir!r} is {len(str(cfg.ray.temp_dir))} characters; Ray's socket "
             "paths under it must stay below 107 bytes, so use a shorter folder (at most 50 characters)"
         )
+    c = cfg.checkpoint
+    if c.every < 0 or c.keep_last < 0:
+        raise ValueError(f"checkpoint.every={c.every} / checkpoint.keep_last={c.keep_last}: use >= 0 (0: off / keep all)")
     if cfg.logger.backend not in ("wandb", "console"):
         raise ValueError(f"logger.backend={cfg.logger.backend!r}; use wandb or console")
 

@@ -107,6 +107,8 @@ class Controller:
         self.prompts_drawn = 0  # env seeds used so far (dynamic sampling draws extra prompts)
         self.critic: list = []
         self.ref = None
+        self.last_checkpoint: Path | None = None  # newest checkpoint saved or resumed from
+        self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run logs into the same W&B run
         self.placement_groups: list = []
         self.engine_version = 0
         self.mismatch_monitor = MismatchMonitor()
@@ -362,7 +364,7 @@ class Controller:
 
         t0 = time.perf_counter()
         push = "push_weights_broadcast" if self.cfg.learner.sync_transport == "broadcast" else "push_weights"
-        sync = ray.get([getattr(x, push).remote(self.engines, self.version, self.cfg.learner.sync_bucket_mb, interrupt)
+        sync = _get_all([getattr(x, push).remote(self.engines, self.version, self.cfg.learner.sync_bucket_mb, interrupt)
                         for x in self.learners])[0]
         self.engine_version = self.version
         return {**sync, "timing/sync_s": time.perf_counter() - t0}
@@ -430,9 +432,9 @@ class Controller:
         score_refs = [x.score.remote(batch_ref) for x in self.learners]
         value_refs = [c.values.remote(batch_ref) for c in self.critic]
         ref_lp_ref = self.ref.logprobs.remote(batch_ref) if self.ref is not None else None
-        scored = ray.get(score_refs)
+        scored = _get_all(score_refs)
         old_lp, stats = torch.cat([lp for lp, _ in scored]), dict(scored[0][1])
-        values = torch.cat(ray.get(value_refs)) if self.critic else None
+        values = torch.cat(_get_all(value_refs)) if self.critic else None
         ref_lp = ray.get(ref_lp_ref) if ref_lp_ref is not None else None
         t_score = time.perf_counter() - t1
 
@@ -457,9 +459,9 @@ class Controller:
         train_refs = [x.train.remote(batch_ref) for x in self.learners] if train_policy else []
         critic_refs = [c.train.remote(batch_ref) for c in self.critic]
         if train_refs:
-            stats.update(ray.get(train_refs)[0])
+            stats.update(_get_all(train_refs)[0])
         if critic_refs:
-            stats.update(ray.get(critic_refs)[0])
+            stats.update(_get_all(critic_refs)[0])
         t_train = time.perf_counter() - t2
         learner_version = self.version
         if train_policy:
@@ -496,12 +498,70 @@ class Controller:
             print(f"[qrl] warning (step {self.step}): {warning}", flush=True)
         return metrics
 
+    # -- checkpoints (rl/checkpoint.py) -------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """<run>/checkpoints/step_<steps done>: learner (+critic) DeepSpeed state and RNGs, the
+        driver's counters (env seed position, version, monitor history) and, with checkpoint.hf,
+        the policy as an HF folder. Written to a .tmp folder and renamed when complete."""
+        import shutil
+
+        from rl import checkpoint as ck
+
+        c = self.cfg.checkpoint
+        final = ck.step_dir(self.run_dir, self.step)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _get_all([x.save_checkpoint.remote(str(tmp / "learner")) for x in self.learners])
+        if self.critic:
+            _get_all([x.save_checkpoint.remote(str(tmp / "critic")) for x in self.critic])
+        if c.hf:
+            _get_all([x.save_hf.remote(str(tmp / "hf"), self.policy_path) for x in self.learners])
+        torch.save(ck.rng_state(), tmp / "driver_rng.pt")
+        ck.write_state(tmp, {
+            "step": self.step, "version": self.version, "engine_version": self.engine_version,
+            "prompts_drawn": self.prompts_drawn, "replaced_groups": self._replaced_groups,
+            "mismatch_history": self.mismatch_monitor.history, "trainer_mode": self.cfg.trainer.mode,
+            "num_ranks": self.cfg.learner.num_ranks, "zero_stage": self.cfg.learner.zero_stage,
+            "critic": bool(self.critic), "policy_path": self.policy_path,
+            "wandb_run_id": self.wandb_run_id})
+        ck.finish(tmp, final)
+        ck.prune(self.run_dir, c.keep_last)
+        self.last_checkpoint = final
+        return final
+
+    def load_checkpoint(self, folder: str | Path) -> dict:
+        """Continue from a checkpoint: learner (+critic) state, counters and RNGs restored, then the
+        engines get the restored weights (so sampling continues exactly where it stopped)."""
+        from rl import checkpoint as ck
+
+        folder = Path(folder)
+        state = ck.read_state(folder)
+        l = self.cfg.learner
+        if (state["num_ranks"], state["zero_stage"]) != (l.num_ranks, l.zero_stage):
+            raise RunError(f"checkpoint {folder} was saved with learner.num_ranks={state['num_ranks']} "
+                           f"learner.zero_stage={state['zero_stage']}; resume with the same values "
+                           f"(now {l.num_ranks} / {l.zero_stage})")
+        if state["critic"] != bool(self.critic):
+            raise RunError(f"checkpoint {folder} was saved {'with' if state['critic'] else 'without'} a critic; "
+                           f"resume with the algorithm it was saved with (now algorithm.advantage={self.cfg.algorithm.advantage!r})")
+        _get_all([x.load_checkpoint.remote(str(folder / "learner")) for x in self.learners])
+        if self.critic:
+            _get_all([x.load_checkpoint.remote(str(folder / "critic")) for x in self.critic])
+        self.step, self.version = state["step"], state["version"]
+        self.prompts_drawn, self._replaced_groups = state["prompts_drawn"], state["replaced_groups"]
+        self.mismatch_monitor.history = list(state["mismatch_history"])
+        ck.set_rng_state(torch.load(folder / "driver_rng.pt", weights_only=False))
+        self._sync_weights(False)  # engines start from the initial weights: bring them to the checkpoint's
+        self.last_checkpoint = folder
+        return state
+
     def export(self, folder: str | Path) -> str:
         """An HF checkpoint folder of the current policy (weights + config + tokenizer/processor);
         LoRA runs export merged weights."""
         import ray
 
-        out = ray.get([x.save_hf.remote(str(folder), self.policy_path) for x in self.learners])
+        out = _get_all([x.save_hf.remote(str(folder), self.policy_path) for x in self.learners])
         return out[0]
 
     def _rollout_samples(self, trajs: list, n: int) -> list[dict]:
@@ -551,6 +611,18 @@ class Controller:
             ray.shutdown()
 
 
+def _get_all(refs: list):
+    """ray.get of every ref, raising the first failure as soon as it happens: when one DeepSpeed rank
+    dies, the others block in a collective, and a plain ray.get would wait on them for ever."""
+    import ray
+
+    pending, done = list(refs), {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done[ready[0]] = ray.get(ready[0])  # raises at once if that task failed
+    return [done[r] for r in refs]
+
+
 def _write_report(run_dir) -> None:
     """report.png + report.md of whatever steps finished (also after a failure); never masks an error."""
     from rl.report import write_report
@@ -562,21 +634,118 @@ def _write_report(run_dir) -> None:
         print(f"[qrl] no report written ({type(e).__name__}: {e}); later: python -m rl.report {run_dir}", flush=True)
 
 
-def run_training(cfg, run_dir: str | Path) -> Path:
-    """Full run: returns the path of metrics.jsonl."""
+class RunInterrupted(RunError):
+    """Ctrl-C / SIGTERM: the run stopped after a step and saved a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM set a flag (the current step finishes, a checkpoint is saved, the run
+    stops); a second Ctrl-C aborts at once."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.signum = None
+        self._old = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[qrl] {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(Ctrl-C again aborts without one)", flush=True)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _who_died(ctl: Controller, err: BaseException) -> str:
+    """'learner rank 1' / 'critic rank 0' / 'reference policy' / 'engine 0' for a RayActorError."""
+    dead = getattr(err, "actor_id", None)
+    roles = [("learner rank", ctl.__dict__.get("learners", [])), ("critic rank", ctl.critic),
+             ("engine", ctl.__dict__.get("engines", [])), ("reference policy", [ctl.ref] if ctl.ref else [])]
+    for role, handles in roles:
+        for i, h in enumerate(handles):
+            if dead is not None and h._actor_id.hex() == dead:
+                return role if role == "reference policy" else f"{role} {i}"
+    return "a Ray actor of the run"
+
+
+def _resume_hint(ctl: Controller, run_dir: Path) -> str:
+    last = ctl.last_checkpoint
+    if last is None:
+        return (f"No checkpoint was written before it (checkpoint.every={ctl.cfg.checkpoint.every}); "
+                "a new run starts from scratch")
+    return f"Last checkpoint: {Path(last).resolve()}; continue with: python -m rl.train resume={run_dir.resolve()}"
+
+
+def run_training(cfg, run_dir: str | Path, on_step=None) -> Path:
+    """Full run (or the rest of one, with `resume`): returns the path of metrics.jsonl.
+    `on_step(controller, metrics)` is called after every logged step."""
+    import ray
+
+    from rl import checkpoint as ck
+
     cfg = _as_dataclass(cfg)
+    run_dir = Path(run_dir)
+    resume_from = ck.resolve_resume(cfg.resume) if cfg.resume else None  # a bad path fails before anything starts
     ctl = Controller(cfg, run_dir)
+    state = ck.read_state(resume_from) if resume_from else {}
+    first = state.get("step", 0)
+    if resume_from:  # steps logged after the checkpoint are run again: drop their rows
+        for name in ("metrics.jsonl", "samples.jsonl", "env_errors.jsonl"):
+            ck.truncate_jsonl(run_dir / name, first)
     logger = RunLogger(run_dir, cfg.logger.backend, cfg.logger.project, cfg.logger.run_name, cfg.logger.mode,
-                       config=asdict(cfg), total_steps=cfg.steps, progress=cfg.logger.progress)
-    print(f"[qrl] run folder: {Path(run_dir).resolve()}  metrics: {logger.metrics_path.resolve()}", flush=True)
+                       config=asdict(cfg), total_steps=cfg.steps, progress=cfg.logger.progress,
+                       initial_step=first, wandb_id=state.get("wandb_run_id"))
+    ctl.wandb_run_id = logger.run_id
+    print(f"[qrl] run folder: {run_dir.resolve()}  metrics: {logger.metrics_path.resolve()}", flush=True)
+    stop = _StopRequest(cfg.checkpoint.on_interrupt)
+    every = cfg.checkpoint.every
     try:
         ctl.start()
+        if resume_from:
+            ctl.load_checkpoint(resume_from)
+            print(f"[qrl] resumed from {resume_from.resolve()} (step {ctl.step}, policy version {ctl.version})",
+                  flush=True)
         logger.start_progress()
-        for _ in range(cfg.steps):
-            logger.log(ctl.train_step())
+        while ctl.step < cfg.steps:
+            metrics = ctl.train_step()
+            logger.log(metrics)
+            if stop.signum is not None:
+                path = ctl.save_checkpoint()
+                raise RunInterrupted(f"stopped by {__import__('signal').Signals(stop.signum).name} after step "
+                                     f"{ctl.step}; checkpoint: {path.resolve()}; continue with: "
+                                     f"python -m rl.train resume={run_dir.resolve()}", stop.signum)
+            if every and ctl.step % every == 0 and ctl.step < cfg.steps:
+                print(f"[qrl] checkpoint: {ctl.save_checkpoint().resolve()}", flush=True)
+            if on_step is not None:
+                on_step(ctl, metrics)
+        saved = ctl.last_checkpoint is not None and ctl.last_checkpoint.resolve() == ck.step_dir(run_dir, ctl.step).resolve()
+        if cfg.checkpoint.at_end and not saved:
+            print(f"[qrl] checkpoint: {ctl.save_checkpoint().resolve()}", flush=True)
         if cfg.export_final:
-            print(f"[qrl] final checkpoint: {ctl.export(Path(run_dir) / 'final')}", flush=True)
+            print(f"[qrl] final checkpoint: {ctl.export(run_dir / 'final')}", flush=True)
+    except ray.exceptions.RayActorError as e:
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RunError(f"{_who_died(ctl, e)} died during step {ctl.step} ({cause}); the run stopped. "
+                       f"{_resume_hint(ctl, run_dir)}") from e
     finally:
+        stop.restore()
         logger.close()
         ctl.close()
         _write_report(run_dir)

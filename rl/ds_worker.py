@@ -131,6 +131,40 @@ class DeepSpeedWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        return os.getpid()
+
+    # -- checkpoints (rl/checkpoint.py) ------------------------------------------------------
+    def _client_state(self) -> dict:
+        return {}
+
+    def _restore_client_state(self, state: dict) -> None:
+        pass
+
+    def save_checkpoint(self, folder: str) -> str:
+        """DeepSpeed model + optimizer state (each rank writes its own shards; ranks on several
+        nodes need a shared filesystem) and this rank's RNG states. All ranks call."""
+        from rl.checkpoint import rng_state
+
+        self.engine.save_checkpoint(folder, tag="ds", client_state=self._client_state(), save_latest=False)
+        torch.save(rng_state(), os.path.join(folder, f"rng_rank{self.rank}.pt"))
+        return folder
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Restore what save_checkpoint wrote (the same number of ranks and ZeRO stage). All ranks call."""
+        from rl.checkpoint import set_rng_state
+
+        rng_file = os.path.join(folder, f"rng_rank{self.rank}.pt")
+        if not os.path.isfile(rng_file):
+            raise FileNotFoundError(f"{rng_file} is missing: the checkpoint in {folder} was saved with fewer ranks; "
+                                    "resume with the learner.num_ranks it was saved with")
+        path, client = self.engine.load_checkpoint(folder, tag="ds", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}/ds")
+        self._restore_client_state(client or {})
+        set_rng_state(torch.load(rng_file, weights_only=False))
+
     # -- batches ---------------------------------------------------------------------------
     def _shard(self, batch: dict) -> dict:
         B = batch["input_ids"].shape[0]

@@ -331,6 +331,12 @@ class Learner(DeepSpeedWorker):
     def get_version(self) -> int:
         return self.version
 
+    def _client_state(self) -> dict:
+        return {"version": self.version}
+
+    def _restore_client_state(self, state: dict) -> None:
+        self.version = int(state.get("version", self.version))
+
     def set_weights(self, named: dict) -> None:
         """Overwrite weights (ZeRO-2 / stage 0-1 only); used by tests to perturb the policy."""
         if self.s.zero_stage == 3:

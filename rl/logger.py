@@ -13,7 +13,8 @@ SAMPLE_COLUMNS = ["step", "group", "seed", "prompt", "response", "reward", "vers
 class RunLogger:
     def __init__(self, run_dir: str | Path, backend: str = "console", project: str = "qrl",
                  run_name: str | None = None, mode: str = "auto", config: dict | None = None,
-                 total_steps: int = 0, progress: bool = True):
+                 total_steps: int = 0, progress: bool = True, initial_step: int = 0, wandb_id: str | None = None):
+        """initial_step / wandb_id: a resumed run's progress starts there and logs into the same W&B run."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -25,16 +26,18 @@ class RunLogger:
             if mode == "auto":
                 mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             self.wandb = wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=mode,
-                                    config=config or {}, reinit="finish_previous")
+                                    config=config or {}, reinit="finish_previous", id=wandb_id,
+                                    resume="allow" if wandb_id else None)
+        self.run_id = self.wandb.id if self.wandb is not None else None
         self.bar = None
-        self._progress, self._total = progress, total_steps
+        self._progress, self._total, self._initial = progress, total_steps, initial_step
 
     def start_progress(self) -> None:
         """Show the progress bar (call once setup is done, so its rate reflects training steps)."""
         if self._progress and self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self._total, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self._total, initial=self._initial, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, metrics: dict) -> None:
         samples = metrics.pop(SAMPLES_KEY, None)

@@ -39,6 +39,16 @@ class RolloutSettings:
     max_inflight: int = 4096  # live episodes at once (backpressure)
 
 
+def sample_seed(env_seed: int, index: int, attempt: int) -> int:
+    """The sampling seed of episode `index` of the group reset with `env_seed` (its `attempt`-th try):
+    a pure function of the episode, so the same episodes sample the same tokens from the same weights
+    whichever engine, batch or order serves them; what makes resumed runs repeat uninterrupted ones."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{env_seed}/{index}/{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2  # room for + turn below 2**63
+
+
 class EngineClient:
     """Sends each request to the engine with the fewest requests in flight."""
 
@@ -47,14 +57,14 @@ class EngineClient:
         self.inflight = [0] * len(engines)
 
     async def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
-                       images: list | None = None):
+                       images: list | None = None, seed: int | None = None):
         i = min(range(len(self.engines)), key=self.inflight.__getitem__)
         self.inflight[i] += 1
         try:
             if images:  # vision-language prompt (rl/vision.py)
-                return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p,
+                return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed,
                                                                  images=images)
-            return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p)
+            return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed)
         finally:
             self.inflight[i] -= 1
 
@@ -262,7 +272,7 @@ class EpisodeRunner:
                 self._counts["live"] += 1
                 self._counts["max_live"] = max(self._counts["max_live"], self._counts["live"])
                 try:
-                    return await self._play(seed, group)
+                    return await self._play(seed, group, sample_seed(seed, slot % self.s.group_size, attempt))
                 except EnvFailure as e:
                     last_error = str(e)
                     self._counts["errors"] += 1
@@ -273,7 +283,8 @@ class EpisodeRunner:
         return Trajectory(prompt_ids=self.render.prompt_ids(""), group=group, seed=seed, error=last_error,
                           finish_reason="error")
 
-    async def _play(self, seed: int, group: int) -> Trajectory:
+    async def _play(self, seed: int, group: int, sampling_seed: int | None = None) -> Trajectory:
+        """One episode; turn k samples with seed `sampling_seed + k` (None: the engine's own RNG)."""
         s = self.s
         handle, obs, info = await self.pool.reset(seed)
         tools = info.pop("tools", None)
@@ -293,7 +304,9 @@ class EpisodeRunner:
                 tr.finish_reason = tr.finish_reason or "max_turns"
                 break
             tg = time.perf_counter()
-            c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p, images)
+            turn_seed = None if sampling_seed is None else (sampling_seed + tr.turns) % 2**63
+            c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p, images,
+                                           turn_seed)
             self._counts["gen_s"] += time.perf_counter() - tg
             self._counts["gen_tokens"] += len(c.token_ids)
             tr.add_policy_tokens(list(c.token_ids), list(c.logprobs), c.versions or c.version)
