@@ -46,6 +46,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_turns: int = 1
     max_retries: int = 1
+    max_engine_restarts: int = 3  # vLLM engine actors that die are restarted (and resynced) this often per run
     max_inflight: int = 4096  # episodes live at once (backpressure on env pool and engines)
     engine_backend: str = "auto"  # auto (inproc on CPU, async on GPU) | inproc | async
     engine_cpus: Optional[str] = None  # CPU machines: pin the engine to these cores, e.g. "0" (null: vLLM's default)
@@ -229,6 +230,8 @@ def validate(cfg: TrainConfig) -> None:
     t = cfg.trainer
     if cfg.learner.sync_transport not in ("object_store", "broadcast"):
         raise ValueError(f"learner.sync_transport={cfg.learner.sync_transport!r}; use object_store or broadcast")
+    if r.max_engine_restarts < 0:
+        raise ValueError(f"rollout.max_engine_restarts={r.max_engine_restarts}; use >= 0 (0: an engine death stops the run)")
     if t.mode not in ("sync", "one_step_off", "async"):
         raise ValueError(f"trainer.mode={t.mode!r}; use sync, one_step_off or async")
     if t.max_staleness < 0:

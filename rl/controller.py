@@ -5,6 +5,7 @@ import dataclasses
 import os
 import socket
 import statistics
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -118,6 +119,9 @@ class Controller:
         from concurrent.futures import ThreadPoolExecutor
 
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rollout")
+        # Held around learner updates and weight pushes in the overlapped modes, so that a restarted
+        # engine's resync (from the rollout thread) gets consistent weights + version
+        self._learner_lock = threading.Lock()
         self._started = False
 
     def _cache_root(self) -> Path:
@@ -149,6 +153,7 @@ class Controller:
         else:
             self._owns_ray = False
         from rollout.engine import EngineConfig, engine_actor
+        from rollout.engine_pool import EnginePool
         from rollout.env_pool import EnvPool
         from rollout.episodes import EpisodeRunner, RolloutSettings
 
@@ -161,14 +166,18 @@ class Controller:
         except TimeoutError as err:
             raise RunError(str(err)) from err
         eng_cls = engine_actor(r.engine_num_cpus)
-        self.engines = [
-            eng_cls.remote(EngineConfig(
+        no_restart = ("learner.sync_transport=broadcast (its transfer group includes the dead engine's worker); "
+                      "use learner.sync_transport=object_store to let engines restart"
+                      if cfg.learner.sync_transport == "broadcast" else None)
+        self.engine_pool = EnginePool.start(eng_cls, [
+            EngineConfig(
                 model=self.policy_path, dtype=cfg.policy.engine_dtype, seed=cfg.seed + i,
                 max_model_len=r.max_model_len, kv_cache_memory_mb=r.kv_cache_memory_mb,
                 enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
-                backend=r.engine_backend, cpus=r.engine_cpus, extra=r.extra))
+                backend=r.engine_backend, cpus=r.engine_cpus, extra=r.extra)
             for i in range(r.num_engines)
-        ]
+        ], resync=self._resync_engine, max_restarts=r.max_engine_restarts, cannot_restart=no_restart)
+        self.engines = self.engine_pool.engines  # one list, shared with the episode runner; replaced in place
         l, a = cfg.learner, cfg.algorithm
         ls = LearnerSettings(zero_stage=l.zero_stage, dtype=l.dtype, lr=l.lr, weight_decay=l.weight_decay,
                              grad_clip=l.grad_clip, micro_batch_size=l.micro_batch_size, mini_batches=l.mini_batches,
@@ -193,13 +202,13 @@ class Controller:
                                       lambda rank, addr, port: (critic_path, cs, c.value_clip, rank, l.num_ranks, addr, port, B))
             waits += [x.ready.remote() for x in self.critic]
         if a.kl_coef > 0:  # the frozen reference policy, only when KL is used at all
-            self.ref = ray.remote(num_cpus=a.ref_num_cpus)(ReferencePolicy).remote(
+            self.ref = ray.remote(num_cpus=a.ref_num_cpus, max_restarts=0, max_task_retries=0)(ReferencePolicy).remote(
                 self.policy_path, l.dtype, l.micro_batch_size, l.logprob_chunk_tokens, l.num_threads)
             waits.append(self.ref.ready.remote())
         ray.get([e.ready.remote() for e in self.engines] + waits)
         if l.sync_transport == "broadcast":
             ray.get([x.init_transfer.remote(self.engines) for x in self.learners])
-        self.runner = EpisodeRunner(self.env_pool, self.engines, self.tokenizer, RolloutSettings(
+        self.runner = EpisodeRunner(self.env_pool, self.engine_pool, self.tokenizer, RolloutSettings(
             group_size=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
             max_turns=r.max_turns, max_context=r.max_model_len, max_retries=r.max_retries,
             max_inflight=r.max_inflight), processor=self.processor)
@@ -229,7 +238,7 @@ class Controller:
             return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
 
         addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous).options(scheduling_strategy=bundle(0)).remote())
-        actor = ray.remote(num_cpus=num_cpus)(cls)
+        actor = ray.remote(num_cpus=num_cpus, max_restarts=0, max_task_retries=0)(cls)  # a dead rank stops the run
         return [actor.options(scheduling_strategy=bundle(rank), name=None).remote(*args(rank, addr, port))
                 for rank in range(n)]
 
@@ -274,7 +283,8 @@ class Controller:
             )
 
     SUMMED_ROLLOUT_STATS = ("rollout/episodes", "env/errors", "env/retries", "env/failed_episodes",
-                            "env/failed_groups", "rollout/generated_tokens", "rollout/wall_s")
+                            "env/failed_groups", "rollout/generated_tokens", "rollout/wall_s",
+                            "rollout/engine_restarts", "rollout/engine_retried_episodes")
 
     def _collect(self):
         """Rollouts for one step -> (batch trajectories, groups whose advantage is forced to 0, all
@@ -363,11 +373,25 @@ class Controller:
         import ray
 
         t0 = time.perf_counter()
+        self.engine_pool.replace_dead()  # an engine that died since the rollout is replaced (and resynced) first
         push = "push_weights_broadcast" if self.cfg.learner.sync_transport == "broadcast" else "push_weights"
-        sync = _get_all([getattr(x, push).remote(self.engines, self.version, self.cfg.learner.sync_bucket_mb, interrupt)
-                        for x in self.learners])[0]
+        with self._learner_lock:
+            sync = _get_all([getattr(x, push).remote(self.engines, self.version, self.cfg.learner.sync_bucket_mb, interrupt)
+                             for x in self.learners])[0]
         self.engine_version = self.version
         return {**sync, "timing/sync_s": time.perf_counter() - t0}
+
+    def _resync_engine(self, engine) -> int:
+        """A restarted engine (rollout/engine_pool.py) gets the learner's current weights and adopts
+        its version: in sync mode that is the version the other engines have; in the overlapped modes
+        it waits for a running update and may be one version ahead of them until the next sync."""
+        import ray
+
+        with self._learner_lock:
+            version = self.version
+            _get_all([x.push_weights.remote([engine], version, self.cfg.learner.sync_bucket_mb, False)
+                      for x in self.learners])
+        return version
 
     def train_step(self) -> dict:
         """One training step in the configured trainer.mode:
@@ -392,14 +416,16 @@ class Controller:
             if self.engine_version < self.version:  # engines idle now: bring them to the learner's version
                 sync = self._sync_weights(False)
             self._pending = self._executor.submit(self._collect) if self.step + 1 < self.cfg.steps else None
-            metrics = self._learn(*collected)
+            with self._learner_lock:
+                metrics = self._learn(*collected)
         else:  # async
             if not self._streaming:
                 self.runner.start_stream(self._next_seed, self._stream_budget)
                 self._streaming = True
             collected = self._collect_stream()
             t_rollout = time.perf_counter() - t0
-            metrics = self._learn(*collected)
+            with self._learner_lock:
+                metrics = self._learn(*collected)
             sync = {"timing/sync_s": 0.0}
             if metrics["policy/trained"]:
                 sync = self._sync_weights(True)
@@ -512,11 +538,12 @@ class Controller:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _get_all([x.save_checkpoint.remote(str(tmp / "learner")) for x in self.learners])
-        if self.critic:
-            _get_all([x.save_checkpoint.remote(str(tmp / "critic")) for x in self.critic])
-        if c.hf:
-            _get_all([x.save_hf.remote(str(tmp / "hf"), self.policy_path) for x in self.learners])
+        with self._learner_lock:  # an engine restarted by a running rollout pushes from the learners too
+            _get_all([x.save_checkpoint.remote(str(tmp / "learner")) for x in self.learners])
+            if self.critic:
+                _get_all([x.save_checkpoint.remote(str(tmp / "critic")) for x in self.critic])
+            if c.hf:
+                _get_all([x.save_hf.remote(str(tmp / "hf"), self.policy_path) for x in self.learners])
         torch.save(ck.rng_state(), tmp / "driver_rng.pt")
         ck.write_state(tmp, {
             "step": self.step, "version": self.version, "engine_version": self.engine_version,

@@ -488,9 +488,12 @@ class VLLMEngine:
 
 
 def engine_actor(num_cpus: float, max_concurrency: int = 100_000, **options):
-    """The Ray actor class for VLLMEngine (async: one event loop serves all in-flight requests)."""
+    """The Ray actor class for VLLMEngine (async: one event loop serves all in-flight requests).
+    Ray never restarts it or retries its calls (a restarted engine needs its weights first:
+    rollout/engine_pool.py does that)."""
     import ray
 
+    options = {"max_restarts": 0, "max_task_retries": 0, **options}
     return ray.remote(num_cpus=num_cpus, max_concurrency=max_concurrency, **options)(VLLMEngine)
 
 

@@ -206,7 +206,7 @@ class EnvPool:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        opts = dict(num_cpus=self.num_cpus_per_actor, max_restarts=0, **self.actor_options)
+        opts = dict(num_cpus=self.num_cpus_per_actor, max_restarts=0, max_task_retries=0, **self.actor_options)
         if self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=index)

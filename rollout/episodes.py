@@ -10,7 +10,9 @@ are coalesced per actor), so nothing busy-waits; `max_inflight` bounds live epis
 
 GRPO groups are `group_size` episodes reset with the same seed. A failed episode (env raised,
 timed out, or its actor died) is retried from reset on a fresh env up to `max_retries` times; if
-it still fails it is returned with `error` set (never dropped) and its group is reported.
+it still fails it is returned with `error` set (never dropped) and its group is reported. An
+episode whose engine request failed because the engine actor died is retried from reset once the
+engine is replaced (rollout/engine_pool.py), without using up `max_retries` (counted apart).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rl.trajectory import Trajectory
+from rollout.engine_pool import EngineLost, EnginePool, is_dead
 from rollout.env_pool import EnvFailure, EnvPool
 
 
@@ -50,21 +53,29 @@ def sample_seed(env_seed: int, index: int, attempt: int) -> int:
 
 
 class EngineClient:
-    """Sends each request to the engine with the fewest requests in flight."""
+    """Sends each request to the engine with the fewest requests in flight. A request whose engine
+    died replaces that engine (once per death, EnginePool) and raises EngineLost."""
 
-    def __init__(self, engines: list):
-        self.engines = engines
-        self.inflight = [0] * len(engines)
+    def __init__(self, engines: list | EnginePool):
+        self.pool = engines if isinstance(engines, EnginePool) else EnginePool(engines)
+        self.engines = self.pool.engines
+        self.inflight = [0] * len(self.pool)
 
     async def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
                        images: list | None = None, seed: int | None = None):
         i = min(range(len(self.engines)), key=self.inflight.__getitem__)
+        engine, generation = self.pool.current(i)
         self.inflight[i] += 1
         try:
             if images:  # vision-language prompt (rl/vision.py)
-                return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed,
-                                                                 images=images)
-            return await self.engines[i].generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed)
+                return await engine.generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed,
+                                                        images=images)
+            return await engine.generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed)
+        except Exception as e:
+            if not is_dead(e):
+                raise
+            await self.pool.replace_async(i, generation, e)  # RunError when no restart is left
+            raise EngineLost(f"vLLM engine {i} died: {type(e).__name__}") from e
         finally:
             self.inflight[i] -= 1
 
@@ -156,9 +167,10 @@ class ChatRenderer:
 
 
 class EpisodeRunner:
-    def __init__(self, env_pool: EnvPool, engines: list, tokenizer, settings: RolloutSettings, processor=None):
+    def __init__(self, env_pool: EnvPool, engines: list | EnginePool, tokenizer, settings: RolloutSettings, processor=None):
         self.pool, self.tok, self.s = env_pool, tokenizer, settings
         self.engine = EngineClient(engines)
+        self._restarts_seen = 0  # engine restarts already reported in stats
         self.render = ChatRenderer(tokenizer, processor)
         self.stats: dict[str, float] = {}
         self.errors: list[dict] = []  # every env failure of the last run (episode slot, attempt, message)
@@ -186,17 +198,20 @@ class EpisodeRunner:
         return trajs
 
     def _reset_counts(self) -> None:
-        self._counts = {"errors": 0, "retries": 0, "gen_tokens": 0, "gen_s": 0.0, "live": 0, "max_live": 0}
+        self._counts = {"errors": 0, "retries": 0, "engine_retries": 0, "gen_tokens": 0, "gen_s": 0.0, "live": 0,
+                        "max_live": 0}
         self.errors = []
 
     def _stats(self, trajs: list[Trajectory], wall: float) -> dict:
         c = self._counts
         failed_groups = {t.group for t in trajs if t.error}
         per_turn = [r for t in trajs if not t.error for r in t.turn_rewards]
+        restarts, self._restarts_seen = self.engine.pool.restarts - self._restarts_seen, self.engine.pool.restarts
         return {
             "rollout/episodes": len(trajs), "env/errors": c["errors"], "env/retries": c["retries"],
             "env/failed_episodes": sum(t.error is not None for t in trajs), "env/failed_groups": len(failed_groups),
             "env/actor_restarts": self.pool.stats["actor_restarts"], "rollout/max_live_episodes": c["max_live"],
+            "rollout/engine_restarts": restarts, "rollout/engine_retried_episodes": c["engine_retries"],
             "rollout/generated_tokens": c["gen_tokens"], "rollout/tokens_per_s": c["gen_tokens"] / max(wall, 1e-9),
             "rollout/wall_s": wall, "episode/turns_mean": sum(t.turns for t in trajs) / max(len(trajs), 1),
             "reward/turn_mean": sum(per_turn) / len(per_turn) if per_turn else 0.0,
@@ -249,7 +264,7 @@ class EpisodeRunner:
         wall = time.perf_counter() - self._stream_t0
         stats = self._stats(trajs, wall)
         c = self._counts
-        c.update({"errors": 0, "retries": 0, "gen_tokens": 0, "max_live": c["live"]})
+        c.update({"errors": 0, "retries": 0, "engine_retries": 0, "gen_tokens": 0, "max_live": c["live"]})
         self._stream_t0 = time.perf_counter()
         return stats
 
@@ -264,20 +279,23 @@ class EpisodeRunner:
         gc.set_threshold(*self._thresholds)
 
     async def _episode(self, slot: int, seed: int, group: int, limit: asyncio.Semaphore) -> Trajectory:
-        last_error = ""
-        for attempt in range(self.s.max_retries + 1):
-            if attempt:
-                self._counts["retries"] += 1
+        last_error, attempt = "", 0
+        while attempt <= self.s.max_retries:
             async with limit:
                 self._counts["live"] += 1
                 self._counts["max_live"] = max(self._counts["max_live"], self._counts["live"])
                 try:
                     return await self._play(seed, group, sample_seed(seed, slot % self.s.group_size, attempt))
+                except EngineLost:  # engine replaced: from reset again, not an env failure
+                    self._counts["engine_retries"] += 1
                 except EnvFailure as e:
                     last_error = str(e)
                     self._counts["errors"] += 1
                     self.errors.append({"slot": slot, "group": group, "seed": seed, "attempt": attempt,
                                         "error": last_error})
+                    attempt += 1
+                    if attempt <= self.s.max_retries:
+                        self._counts["retries"] += 1
                 finally:
                     self._counts["live"] -= 1
         return Trajectory(prompt_ids=self.render.prompt_ids(""), group=group, seed=seed, error=last_error,
@@ -305,8 +323,12 @@ class EpisodeRunner:
                 break
             tg = time.perf_counter()
             turn_seed = None if sampling_seed is None else (sampling_seed + tr.turns) % 2**63
-            c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p, images,
-                                           turn_seed)
+            try:
+                c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p, images,
+                                               turn_seed)
+            except EngineLost:
+                self.pool.close(handle)
+                raise
             self._counts["gen_s"] += time.perf_counter() - tg
             self._counts["gen_tokens"] += len(c.token_ids)
             tr.add_policy_tokens(list(c.token_ids), list(c.logprobs), c.versions or c.version)
