@@ -25,10 +25,45 @@ class EnvContractError(TypeError):
     """An environment returned something that does not follow the API."""
 
 
-def _is_obs(obs: Any) -> bool:
+def _obs_problem(obs: Any) -> str | None:
+    """What is wrong with an observation (None: it is a str or a list of chat messages whose content
+    is text or a list of content parts)."""
     if isinstance(obs, str):
-        return True
-    return isinstance(obs, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in obs)
+        return None
+    if not isinstance(obs, list):
+        return f"of type {type(obs).__name__}"
+    for i, m in enumerate(obs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
+            return f"of type list (message {i} is {_short(m)}, not a dict with a 'role' string and 'content')"
+        c = m["content"]
+        if not (isinstance(c, str) or (isinstance(c, list) and all(isinstance(p, dict) for p in c))
+                or (c is None and m.get("tool_calls"))):
+            return f"of type list (message {i} has content of type {type(c).__name__}: {_short(c)})"
+    return None
+
+
+def _short(value: Any, n: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def reward_value(env_name: str, reward: Any) -> float:
+    """`reward` as a float: an int, float, bool or numpy/torch scalar that is finite. Anything else
+    (NaN, inf, None, a string, an array) raises EnvContractError: it must never reach the learner."""
+    fix = (f". Rewards must be finite numbers (int, float or a numpy/torch scalar): fix {env_name}.step / "
+           "the reward function it calls")
+    kind = type(reward).__name__
+    try:
+        if isinstance(reward, (str, bytes)) or getattr(reward, "ndim", 0) != 0:
+            raise TypeError
+        value = float(reward)
+    except Exception:  # noqa: BLE001 - whatever float() raises for this type
+        raise EnvContractError(f"{env_name}.step() returned reward {_short(reward)}; expected a number (int or "
+                               f"float), got {kind}{fix}") from None
+    if math.isnan(value) or math.isinf(value):
+        raise EnvContractError(f"{env_name}.step() returned reward {value}; expected a finite number, got "
+                               f"{kind}{fix}")
+    return value
 
 
 def check_reset_output(env_name: str, out: Any) -> tuple[Any, dict]:
@@ -39,13 +74,21 @@ def check_reset_output(env_name: str, out: Any) -> tuple[Any, dict]:
             + "; expected a tuple (obs, info)"
         )
     obs, info = out
-    if not _is_obs(obs):
+    problem = _obs_problem(obs)
+    if problem:
         raise EnvContractError(
-            f"{env_name}.reset() returned obs of type {type(obs).__name__}; expected str or a list of "
+            f"{env_name}.reset() returned obs {problem}; expected str or a list of "
             "chat messages like [{'role': 'user', 'content': '...'}]"
         )
+    if not obs:
+        raise EnvContractError(f"{env_name}.reset() returned an empty obs {obs!r}; the first observation is the "
+                               "prompt: return its text or at least one chat message")
     if not isinstance(info, dict):
         raise EnvContractError(f"{env_name}.reset() returned info of type {type(info).__name__}; expected dict")
+    tools = info.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise EnvContractError(f"{env_name}.reset() returned info['tools'] of type {type(tools).__name__}; expected a "
+                               "list of JSON tool schemas (dicts, see envs.tools.function_schema)")
     return obs, info
 
 
@@ -57,19 +100,13 @@ def check_step_output(env_name: str, out: Any) -> tuple[Any, float, bool, bool, 
             + "; expected a tuple (obs, reward, terminated, truncated, info)"
         )
     obs, reward, terminated, truncated, info = out
-    try:
-        reward = float(reward)
-    except (TypeError, ValueError):
-        raise EnvContractError(
-            f"{env_name}.step() returned reward {reward!r}; expected a number (int or float)"
-        ) from None
-    if math.isnan(reward) or math.isinf(reward):
-        raise EnvContractError(f"{env_name}.step() returned reward {reward}; expected a finite number")
+    reward = reward_value(env_name, reward)
     if not isinstance(info, dict):
         raise EnvContractError(f"{env_name}.step() returned info of type {type(info).__name__}; expected dict")
-    if not (terminated or truncated) and not _is_obs(obs):
+    problem = None if terminated or truncated else _obs_problem(obs)
+    if problem:
         raise EnvContractError(
-            f"{env_name}.step() returned obs of type {type(obs).__name__} for an episode that goes on; "
+            f"{env_name}.step() returned obs {problem} for an episode that goes on; "
             "expected str or a list of chat messages like [{'role': 'tool', 'content': '...'}]"
         )
     return obs, reward, bool(terminated), bool(truncated), info

@@ -65,7 +65,12 @@ def resolve_env_class(name: str | None = None, target: str | None = None):
 
 def make_env(name: str | None = None, target: str | None = None, kwargs: dict[str, Any] | None = None):
     cls = resolve_env_class(name, target)
+    label = target or name  # `_target_` wins over `name`
     try:
         return cls(**(kwargs or {}))
     except TypeError as e:
-        raise EnvRegistryError(f"env {name or target!r} rejected its kwargs {kwargs}: {e}") from e
+        raise EnvRegistryError(f"env {label!r} rejected its kwargs {kwargs}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - e.g. a data file named in env.kwargs is missing
+        raise EnvRegistryError(
+            f"env {label!r} could not be created with env.kwargs={dict(kwargs or {})}: "
+            f"{type(e).__name__}: {e}. Fix env.kwargs (e.g. a file path) or the env's __init__") from e

@@ -45,7 +45,7 @@ def _coerce(value: str) -> Any:
     """XML parameters arrive as text; JSON-looking values (numbers, lists, objects) are decoded."""
     try:
         return json.loads(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return value
 
 
@@ -66,8 +66,8 @@ def parse_tool_calls(text: str) -> ParsedTurn:
             if not isinstance(name, str) or not isinstance(args, dict):
                 raise TypeError("name must be a string and arguments an object")
             calls.append(ToolCall(name, args))
-        except (ValueError, KeyError, TypeError) as e:
-            errors.append(f"malformed tool call {body[:80]!r}: {type(e).__name__}: {e}")
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            errors.append(f"malformed tool call {body[:80]!r}: {type(e).__name__}: {str(e)[:200]}")
     return ParsedTurn(calls, errors, _CALL.sub("", text).strip())
 
 
@@ -95,7 +95,8 @@ class ToolEnv(TextEnv):
 
     Per turn: tool calls -> the env runs them and replies with `tool` messages (reward
     `call_reward` for a turn whose calls were all well-formed and ran without error); no tool call -> the final answer is scored
-    and the episode ends. After `max_tool_turns` tool turns the episode is truncated."""
+    and the episode ends. After `max_tool_turns` tool turns the episode is truncated.
+    info["parse_error"] is 1 once a tool call was malformed or `score_answer` reported a parse_error."""
 
     tools: dict[str, Callable[..., str]] = {}
     tool_schemas: list[dict] = []
@@ -117,6 +118,7 @@ class ToolEnv(TextEnv):
 
         self.tool_turns = 0
         self.stats = {"tool_calls": 0, "tool_errors": 0}
+        self.parse_error = 0
         messages, info = self.make_task(random.Random(seed))
         return messages, {**info, "tools": self.tool_schemas}
 
@@ -138,8 +140,11 @@ class ToolEnv(TextEnv):
         parsed = parse_tool_calls(strip_reasoning(action))
         if not parsed.calls and not parsed.errors:
             reward, info = self.score_answer(parsed.text)
-            return [], reward, True, False, {**info, **self.stats, "tool_turns": self.tool_turns}
+            self.parse_error = max(self.parse_error, int(info.get("parse_error", 0)))
+            return [], reward, True, False, {**info, **self.stats, "tool_turns": self.tool_turns,
+                                             "parse_error": self.parse_error}
         self.tool_turns += 1
+        self.parse_error = max(self.parse_error, int(bool(parsed.errors)))
         self.stats["tool_calls"] += len(parsed.calls)
         self.stats["tool_errors"] += len(parsed.errors)
         errors_before = self.stats["tool_errors"]
@@ -148,4 +153,5 @@ class ToolEnv(TextEnv):
         clean = parsed.calls and not parsed.errors and self.stats["tool_errors"] == errors_before
         reward = self.call_reward if clean else 0.0
         truncated = self.tool_turns >= self.max_tool_turns
-        return replies, reward, False, truncated, {**self.stats, "tool_turns": self.tool_turns}
+        return replies, reward, False, truncated, {**self.stats, "tool_turns": self.tool_turns,
+                                                   "parse_error": self.parse_error}

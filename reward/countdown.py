@@ -13,7 +13,9 @@ each listed number used at most once (`use_all`: exactly once). The value is com
 `fractions.Fraction`, so 7/2*2 is exactly 7.
 
 Reward: 1.0 when the value equals `target`; `format_reward` (default 0.1) for a valid equation with
-the wrong value; 0.0 otherwise. info: equation, reason, value ("" when not computed), exact.
+the wrong value; 0.0 otherwise. info: equation, reason, value ("" when not computed), exact, and
+parse_error: 1 when no equation could be read (none found, too long, not an expression, disallowed
+syntax), 0 when it was read (even if it breaks a rule about the numbers).
 """
 from __future__ import annotations
 
@@ -37,7 +39,12 @@ _UNARY_OPS = (ast.USub, ast.UAdd)
 
 
 class _Rejected(Exception):
-    """The equation breaks a rule; the message is the reason."""
+    """The equation breaks a rule; the message is the reason. `syntax`: it is not countdown arithmetic
+    at all (a parse error), rather than a rule about the numbers."""
+
+    def __init__(self, reason: str, syntax: bool = False):
+        super().__init__(reason)
+        self.syntax = syntax
 
 
 def _equation_text(response: str) -> str | None:
@@ -126,7 +133,7 @@ def _evaluate(node: ast.AST, available: Counter, used: Counter) -> Fraction:
             raise _Rejected("division by zero")
         return left / right
     what = type(node.op).__name__ if isinstance(node, (ast.BinOp, ast.UnaryOp)) else type(node).__name__
-    raise _Rejected(f"disallowed syntax: {what}")
+    raise _Rejected(f"disallowed syntax: {what}", syntax=True)
 
 
 def _format_value(value: Fraction) -> str:
@@ -139,7 +146,7 @@ def countdown_reward(response: str, numbers: list[int] | tuple[int, ...], target
     if not isinstance(response, str):
         raise TypeError(f"countdown_reward expects the response text, got {type(response).__name__}")
     equation = extract_equation(response, target)
-    info = {"equation": equation or "", "value": "", "exact": False}
+    info = {"equation": equation or "", "value": "", "exact": False, "parse_error": 1}
     if equation is None:
         return 0.0, {**info, "reason": "no equation found"}
     if len(equation) > MAX_EQUATION_CHARS:
@@ -152,9 +159,10 @@ def countdown_reward(response: str, numbers: list[int] | tuple[int, ...], target
     try:
         value = _evaluate(tree, available, used)
     except _Rejected as rejected:
-        return 0.0, {**info, "reason": str(rejected)}
+        return 0.0, {**info, "reason": str(rejected), "parse_error": int(rejected.syntax)}
     except RecursionError:
         return 0.0, {**info, "reason": "expression nested too deeply"}
+    info["parse_error"] = 0
     if use_all and used != available:
         return 0.0, {**info, "reason": "not every number was used"}
     info["value"] = _format_value(value)

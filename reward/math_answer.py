@@ -150,12 +150,13 @@ def math_reward(response: str, gold: str, format_bonus: float = 0.0, numeric_onl
 
     `format_bonus` is added when the answer was boxed or followed "answer". With `numeric_only`
     the answer must be a plain number (so "(3+4)*2" does not count as the value 14).
-    info: answer (str, "" if none), answer_source, exact (bool), reason.
+    info: answer (str, "" if none), answer_source, exact (bool), reason, parse_error (1 when no
+    answer could be read and compared with `gold`: none found, not a plain number, unsafe, unparseable).
     """
     if not isinstance(response, str):
         raise TypeError(f"math_reward expects the response text, got {type(response).__name__}")
     answer, source = extract_answer_with_source(response)
-    info = {"answer": answer or "", "answer_source": source, "exact": False}
+    info = {"answer": answer or "", "answer_source": source, "exact": False, "parse_error": 1}
     if answer is None:
         return 0.0, {**info, "reason": "no answer found"}
     bonus = format_bonus if source in ("boxed", "marker") else 0.0
@@ -173,4 +174,4 @@ def math_reward(response: str, gold: str, format_bonus: float = 0.0, numeric_onl
         return bonus, {**info, "reason": "answer could not be parsed"}
     exact = bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
     reason = "correct" if exact else "wrong answer"
-    return float(exact) + bonus, {**info, "exact": exact, "reason": reason}
+    return float(exact) + bonus, {**info, "exact": exact, "reason": reason, "parse_error": 0}

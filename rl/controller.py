@@ -89,13 +89,17 @@ class Controller:
         validate(cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        from envs.registry import resolve_env_class
+        from envs.registry import make_env, resolve_env_class
         from policies.build import load_processor, load_tokenizer, resolve_policy_path
         from policies.presets import check_checkpoint_shape
 
         # Fail fast on bad inputs, before Ray or any model starts.
         self.env_cls = resolve_env_class(cfg.env.name, cfg.env._target_)
+        probe = make_env(cfg.env.name, cfg.env._target_, cfg.env.kwargs)  # bad env.kwargs / missing files
+        getattr(probe, "close", lambda: None)()
         self.policy_path = resolve_policy_path(cfg.policy.path, asdict(cfg.policy.tiny), cfg.cache_dir)
+        if cfg.algorithm.critic.path and cfg.algorithm.advantage in NEEDS_CRITIC:
+            resolve_policy_path(cfg.algorithm.critic.path, {}, cfg.cache_dir, key="algorithm.critic.path")
         check_checkpoint_shape(self.policy_path, cfg.policy.shape)  # qwen3_5_* presets vs the folder's config.json
         self.tokenizer = load_tokenizer(self.policy_path)
         self.processor = load_processor(self.policy_path)  # vision-language policies only (else None)
@@ -284,7 +288,7 @@ class Controller:
 
     SUMMED_ROLLOUT_STATS = ("rollout/episodes", "env/errors", "env/retries", "env/failed_episodes",
                             "env/failed_groups", "rollout/generated_tokens", "rollout/wall_s",
-                            "rollout/engine_restarts", "rollout/engine_retried_episodes")
+                            "rollout/engine_restarts", "rollout/engine_retried_episodes", "rollout/context_truncated")
 
     def _collect(self):
         """Rollouts for one step -> (batch trajectories, groups whose advantage is forced to 0, all

@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from envs.base import check_reset_output, check_step_output
+from envs.base import EnvContractError, check_reset_output, check_step_output
 from envs.registry import make_env, resolve_env_class
 
 
@@ -35,6 +35,8 @@ class _StepTimeout(Exception):
 
 
 def _error(e: BaseException, where: str) -> str:
+    if isinstance(e, EnvContractError):  # names the method already; the traceback ends in the checker
+        return f"{where} raised EnvContractError: {e}"
     tb = traceback.extract_tb(e.__traceback__)
     loc = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
     return f"{where} raised {type(e).__name__}: {e}{loc}"
@@ -62,6 +64,7 @@ class EnvHost:
         # in this venv), which per reset capped an actor at ~100 resets/s.
         self._cls = resolve_env_class(name, target)
         self.envs: dict[int, Any] = {}
+        self.seeds: dict[int, Any] = {}  # each live env's reset seed (named in its errors)
         # A hanging env is interrupted by SIGALRM where possible (main thread); the pool's call
         # timeout (actor replaced) is the backstop for hangs signals cannot interrupt.
         self._alarm = step_timeout_s > 0 and threading.current_thread() is threading.main_thread()
@@ -107,6 +110,7 @@ class EnvHost:
 
     def _reset(self, slot: int, seed: int) -> tuple[bool, Any]:
         def reset():
+            self.seeds[slot] = seed
             env = self.envs[slot] = self._cls(**self.kwargs)
             return check_reset_output(self.label, env.reset(seed=seed))
 
@@ -117,15 +121,17 @@ class EnvHost:
         env = self.envs.get(slot)
         if env is None:
             return False, f"{self.label}: slot {slot} has no live env (reset failed or was never called)"
+        seed = self.seeds.get(slot)
         ok, out = self._guarded(slot, "step()", lambda: check_step_output(self.label, env.step(action)))
         if not ok:
-            return False, out
+            return False, f"{out} [episode seed {seed}]"
         obs, reward, term, trunc, info = out
         if term or trunc:
             self.close_slot(slot)
         return True, (obs, reward, term, trunc, plain_info(info))
 
     def close_slot(self, slot: int) -> None:
+        self.seeds.pop(slot, None)
         env = self.envs.pop(slot, None)
         if env is not None:
             try:

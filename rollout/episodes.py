@@ -4,7 +4,8 @@ exact token bookkeeping.
 Each episode is one coroutine: reset -> chat template (with the env's `tools`) -> token ids ->
 engine samples a turn (logprobs + policy version) -> decode -> env.step -> if the episode goes on,
 the env's messages are rendered by the chat template and appended as masked tokens -> ... until
-terminated/truncated, `max_turns`, or `max_context`. The policy's sampled ids are never
+terminated/truncated, `max_turns`, or `max_context` (then it ends exactly at `max_context` tokens,
+finish_reason "context", an env reply cut there, and is kept and counted). The policy's sampled ids are never
 re-tokenised. Episodes wait on futures (engine requests join vLLM's running batch; env requests
 are coalesced per actor), so nothing busy-waits; `max_inflight` bounds live episodes.
 
@@ -214,6 +215,7 @@ class EpisodeRunner:
             "rollout/engine_restarts": restarts, "rollout/engine_retried_episodes": c["engine_retries"],
             "rollout/generated_tokens": c["gen_tokens"], "rollout/tokens_per_s": c["gen_tokens"] / max(wall, 1e-9),
             "rollout/wall_s": wall, "episode/turns_mean": sum(t.turns for t in trajs) / max(len(trajs), 1),
+            "rollout/context_truncated": sum(t.finish_reason == "context" for t in trajs),
             "reward/turn_mean": sum(per_turn) / len(per_turn) if per_turn else 0.0,
         }
 
@@ -342,7 +344,8 @@ class EpisodeRunner:
             tr.info.update(step_info)
             if terminated or truncated:
                 return tr
-            if obs:
-                tr.add_env_tokens(self.render.env_turn_ids(obs, tr.response_ids))
+            if obs:  # an env reply that runs past the context is cut there; the loop then ends ("context")
+                left = s.max_context - len(tr.prompt_ids) - len(tr.response_ids)
+                tr.add_env_tokens(self.render.env_turn_ids(obs, tr.response_ids)[:max(left, 0)])
         self.pool.close(handle)  # ran out of turns or context: the env is given back unfinished
         return tr

@@ -142,7 +142,8 @@ def test_arithmetic_rewards():
     gold = int(info["gold"])
     obs, reward, terminated, truncated, step_info = env.step(str(gold))
     assert obs == [] and reward == 1.0 and terminated and not truncated
-    assert step_info == {"gold": str(gold), "answer": str(gold), "exact": True, "reason": "correct"}
+    assert step_info == {"gold": str(gold), "answer": str(gold), "exact": True, "reason": "correct",
+                         "parse_error": 0}
     assert env.step(f"let me think. \\boxed{{{gold}}}")[1] == 1.0
     assert env.step(f"answer: {gold + 1}")[1] == 0.0
     assert env.step(f"answer: {info['expression']}")[1] == 0.0  # echoing the question is no answer

@@ -86,5 +86,6 @@ class ArithmeticEnv(TextEnv):
         if not isinstance(action, str):
             raise TypeError(f"arithmetic.step expects the policy's text, got {type(action).__name__}")
         reward, verdict = math_reward(action, self.gold, format_bonus=self.format_bonus, numeric_only=True)
-        info = {"gold": self.gold, "answer": verdict["answer"], "exact": verdict["exact"], "reason": verdict["reason"]}
+        info = {"gold": self.gold, "answer": verdict["answer"], "exact": verdict["exact"], "reason": verdict["reason"],
+                "parse_error": verdict["parse_error"]}
         return [], reward, True, False, info

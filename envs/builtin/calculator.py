@@ -76,4 +76,5 @@ class CalculatorEnv(ToolEnv):
         numbers = _NUMBER.findall(text)
         answer = numbers[-1] if numbers else ""
         exact = bool(answer) and answer == self.gold
-        return (1.0 if exact else 0.0), {"gold": self.gold, "answer": answer, "exact": exact}
+        return (1.0 if exact else 0.0), {"gold": self.gold, "answer": answer, "exact": exact,
+                                         "parse_error": int(not answer)}

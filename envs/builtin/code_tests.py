@@ -260,5 +260,5 @@ class CodeTestsEnv(TextEnv):
             raise RuntimeError("code_tests.step called before reset")
         result = run_python_tests(extract_code(action), list(self.problem.tests), self.limits)
         info = {"task": self.problem.task, "passed": result.passed, "total": result.total, "reason": result.reason,
-                "sandbox_s": round(result.wall_s, 3)}
+                "sandbox_s": round(result.wall_s, 3), "parse_error": int(result.reason == "syntax error")}
         return [], result.reward, True, False, info

@@ -59,3 +59,66 @@ class FaultInjectionEnv(CopyDigitsEnv):
             if kind == "die":
                 os._exit(17)
         return super().step(action)
+
+
+class ConstRewardEnv(CopyDigitsEnv):
+    """step() returns `reward` as given (any object), for the reward-validation tests."""
+
+    def __init__(self, reward=0.0, **kw):
+        super().__init__(**kw)
+        self.reward = reward
+
+    def step(self, action):
+        obs, _, term, trunc, info = super().step(action)
+        return obs, self.reward, term, trunc, info
+
+
+class BadRewardEnv(CopyDigitsEnv):
+    """Seed 0 always returns a NaN reward and seed 1 the string "0.5"; other seeds are fine."""
+
+    def reset(self, seed=None, options=None):
+        self.seed = seed
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, reward, term, trunc, info = super().step(action)
+        return obs, {0: float("nan"), 1: "0.5"}.get(self.seed, reward), term, trunc, info
+
+
+class DatasetEnv(CopyDigitsEnv):
+    """Prompts from a text file (one per line) named in env.kwargs.path."""
+
+    def __init__(self, path: str, **kw):
+        super().__init__(**kw)
+        with open(path) as f:
+            self.lines = f.read().splitlines()
+
+
+class LongReplyEnv(CopyDigitsEnv):
+    """Multi-turn and never ends by itself: every step rewards 0.25 and replies with a long message,
+    so only the context limit ends an episode."""
+
+    def step(self, action):
+        return [{"role": "user", "content": "go on. " * 3}], 0.25, False, False, {}
+
+
+class BadObsEnv(CopyDigitsEnv):
+    """reset/step observations that break the contract: `kind` is empty_reset | int_content | tools_dict |
+    dict_step_obs."""
+
+    def __init__(self, kind: str, **kw):
+        super().__init__(**kw)
+        self.kind = kind
+
+    def reset(self, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        if self.kind == "empty_reset":
+            return [], info
+        if self.kind == "int_content":
+            return [{"role": "user", "content": 7}], info
+        if self.kind == "tools_dict":
+            return obs, {**info, "tools": {"name": "calculator"}}
+        return obs, info
+
+    def step(self, action):
+        return {"role": "user", "content": "again"}, 0.0, False, False, {}
