@@ -147,6 +147,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path, out: Path) -> dict:
         t0 = time.perf_counter()
         trajs = runner.run(eval_seeds(cfg))
         metrics = {**summarize(trajs), "timing/eval_s": time.perf_counter() - t0}
+        metrics.pop("eval/policy_version")  # a fresh engine's counter (0), not the checkpoint's training step
         errors = runner.errors
     finally:
         for x in engines:
