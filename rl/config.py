@@ -157,6 +157,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation on held-out env seeds (rl/eval.py): during training, and `python -m rl.eval`."""
+    every: int = 10  # after steps 0, every, 2*every, ... (0: off); engines hold the just-synced policy
+    at_end: bool = True  # also after the last step (when every > 0)
+    num_prompts: int = 64  # held-out seeds seed_start .. seed_start + num_prompts - 1, the same at every eval
+    samples_per_prompt: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_tokens: Optional[int] = None  # per turn; null: rollout.max_tokens
+    max_turns: Optional[int] = None  # null: rollout.max_turns
+    # Independent of `seed`, so every run (and rl.eval) is scored on the same prompts; must lie outside
+    # the run's training seeds (seed * 1_000_003 + n, n < 1_000_003)
+    seed_start: int = 2_000_000_000
+
+
+@dataclass
 class RayConfig:
     # null: join the running cluster if there is one (RAY_ADDRESS or `ray start`), else start a local
     # one; "local": always start a local one; "auto" or host:port: join that cluster.
@@ -174,6 +190,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     steps: int = 30
     seed: int = 0
@@ -227,6 +244,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"learner.lora: rank={l.lora.rank} alpha={l.lora.alpha} dropout={l.lora.dropout}; use rank >= 0 "
                          "(0: off), alpha > 0, 0 <= dropout < 1")
     validate_algorithm(cfg)
+    validate_eval(cfg)
     t = cfg.trainer
     if cfg.learner.sync_transport not in ("object_store", "broadcast"):
         raise ValueError(f"learner.sync_transport={cfg.learner.sync_transport!r}; use object_store or broadcast")
@@ -251,6 +269,31 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"checkpoint.every={c.every} / checkpoint.keep_last={c.keep_last}: use >= 0 (0: off / keep all)")
     if cfg.logger.backend not in ("wandb", "console"):
         raise ValueError(f"logger.backend={cfg.logger.backend!r}; use wandb or console")
+
+
+TRAIN_SEED_BLOCK = 1_000_003  # the training env seeds of `seed` are seed * TRAIN_SEED_BLOCK + n (rl/controller.py)
+
+
+def validate_eval(cfg: TrainConfig) -> None:
+    e = cfg.eval
+    checks = [
+        (e.every < 0, f"eval.every={e.every}: use >= 0 (0: no evaluation during training)"),
+        (e.num_prompts < 1 or e.samples_per_prompt < 1, f"eval.num_prompts={e.num_prompts} / eval.samples_per_prompt="
+         f"{e.samples_per_prompt}: use >= 1 each"),
+        (e.temperature < 0, f"eval.temperature={e.temperature}: use >= 0 (0: greedy)"),
+        (not 0 < e.top_p <= 1, f"eval.top_p={e.top_p}: use a value in (0, 1]"),
+        (e.max_tokens is not None and e.max_tokens < 1, f"eval.max_tokens={e.max_tokens}: use >= 1 (null: rollout.max_tokens)"),
+        (e.max_turns is not None and e.max_turns < 1, f"eval.max_turns={e.max_turns}: use >= 1 (null: rollout.max_turns)"),
+        (e.seed_start < 0, f"eval.seed_start={e.seed_start}: env seeds must be >= 0"),
+    ]
+    for bad, msg in checks:
+        if bad:
+            raise ValueError(msg)
+    lo, hi = cfg.seed * TRAIN_SEED_BLOCK, (cfg.seed + 1) * TRAIN_SEED_BLOCK
+    if e.seed_start < hi and lo < e.seed_start + e.num_prompts:
+        raise ValueError(f"eval.seed_start={e.seed_start} with eval.num_prompts={e.num_prompts} overlaps the training "
+                         f"env seeds of seed={cfg.seed} ({lo}..{hi - 1}); held-out seeds must not be trained on: "
+                         "change eval.seed_start (or seed)")
 
 
 def validate_algorithm(cfg: TrainConfig) -> None:

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from rl.algorithms import NEEDS_CRITIC, compute_advantages, groups_with_signal, importance_weights, overlong_penalty
 from rl.config import TrainConfig, validate
 from rl.critic import Critic
+from rl.eval import Evaluator
 from rl.learner import AlgoSettings, Learner, LearnerSettings
 from rl.logger import SAMPLES_KEY, RunLogger
 from rl.monitor import MismatchMonitor
@@ -67,6 +68,28 @@ def _reachable(address: str, timeout_s: float = 2.0) -> bool:
             return True
     except (OSError, ValueError):
         return False
+
+
+def start_ray(cfg, tmp: Path, cache_root: Path) -> bool:
+    """Join or start Ray (see cluster_address) with the workers' environment; False if Ray was
+    already initialised (then the caller does not own it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env_vars = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"),
+                "RAY_DEDUP_LOGS": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache_root / "inductor"), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    address = cluster_address(cfg.ray.address)
+    if address:  # join a running cluster: its nodes bring their own CPUs and temp dirs
+        env_vars = {k: v for k, v in env_vars.items() if k not in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                 logging_level="WARNING")
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 _temp_dir=cfg.ray.temp_dir, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                 logging_level="WARNING")
+    return True
 
 
 def info_means(trajs) -> dict[str, float]:
@@ -140,22 +163,7 @@ class Controller:
         cfg = self.cfg
         tmp = self.run_dir / "tmp"
         tmp.mkdir(exist_ok=True)
-        env_vars = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-                    "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"),
-                    "RAY_DEDUP_LOGS": "1", "TORCHINDUCTOR_CACHE_DIR": str(self._cache_root() / "inductor"), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-        address = cluster_address(cfg.ray.address)
-        if not ray.is_initialized():
-            if address:  # join a running cluster: its nodes bring their own CPUs and temp dirs
-                env_vars = {k: v for k, v in env_vars.items() if k not in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
-                ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True,
-                         logging_level="WARNING")
-            else:
-                ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                         _temp_dir=cfg.ray.temp_dir, runtime_env={"env_vars": env_vars}, log_to_driver=True,
-                         logging_level="WARNING")
-            self._owns_ray = True
-        else:
-            self._owns_ray = False
+        self._owns_ray = start_ray(cfg, tmp, self._cache_root())
         from rollout.engine import EngineConfig, engine_actor
         from rollout.engine_pool import EnginePool
         from rollout.env_pool import EnvPool
@@ -216,6 +224,7 @@ class Controller:
             group_size=r.group_size, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
             max_turns=r.max_turns, max_context=r.max_model_len, max_retries=r.max_retries,
             max_inflight=r.max_inflight), processor=self.processor)
+        self.evaluator = Evaluator(cfg, self.runner, self.run_dir)  # eval.every: held-out seeds, rl/eval.py
         self._started = True
 
     def _ranks(self, cls, role: str, num_cpus: float, args) -> list:
@@ -437,8 +446,21 @@ class Controller:
         metrics.update(sync)
         metrics["timing/rollout_s"] = t_rollout  # in the overlapped modes: time waiting for rollouts
         metrics["timing/step_s"] = time.perf_counter() - t0
+        if self.evaluator.due(self.step):
+            metrics.update(self.evaluate())
         self.step += 1
         return metrics
+
+    def evaluate(self) -> dict:
+        """eval/* metrics of the learner's current policy on the held-out seeds (rl/eval.py); draws
+        no training seed. one_step_off: the next batch's rollout (which owns the runner's event loop)
+        finishes first, then the engines are synced to the learner (the next step skips its sync)."""
+        t0 = time.perf_counter()
+        if self._pending is not None:
+            self._pending.result()
+        if self.engine_version < self.version:
+            self._sync_weights(False)
+        return {**self.evaluator.run(self.step), "timing/eval_s": time.perf_counter() - t0}
 
     def _learn(self, trajs, zero_groups, sampled, rollout_stats) -> dict:
         """Score, compute advantages, update the policy (and critic); returns the step's metrics

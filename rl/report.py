@@ -14,7 +14,8 @@ from pathlib import Path
 from rl.logger import read_metrics
 
 PANELS = [  # (title, [(metric, label)], log scale)
-    ("reward", [("reward/mean", "mean"), ("reward/exact_frac", "exact (=1) fraction")], False),
+    ("reward", [("reward/mean", "mean"), ("reward/exact_frac", "exact (=1) fraction"),
+                ("eval/reward_mean", "eval mean (held-out seeds)")], False),
     ("KL", [("train/kl_ref", "KL to reference"), ("mismatch/kl", "engine||learner KL")], True),
     ("engine/learner mismatch", [("mismatch/abs_logprob_diff", "mean |Δlogprob|"),
                                  ("mismatch/max_abs_logprob_diff", "max |Δlogprob|")], True),
@@ -103,6 +104,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         lines.append(f"| {key} | {_fmt(first)} | {_fmt(last)} |")
     lines += ["", f"Best mean reward: {_fmt(s['best_reward'])}. Mismatch jumps: {s['mismatch_jumps']}. "
               f"Env errors: {s['env_errors']}."]
+    steps, evals = _series(rows, "eval/reward_mean")
+    if evals:
+        lines.append(f"Eval (held-out seeds) mean reward: {_fmt(evals[0])} after step {steps[0]:.0f} -> "
+                     f"{_fmt(evals[-1])} after step {steps[-1]:.0f} ({len(evals)} evaluations).")
     md = run_dir / "report.md"
     md.write_text("\n".join(lines) + "\n")
     return png, md

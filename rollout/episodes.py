@@ -177,10 +177,21 @@ class EpisodeRunner:
         self.errors: list[dict] = []  # every env failure of the last run (episode slot, attempt, message)
         self._loop = asyncio.new_event_loop()
 
+    def with_settings(self, settings: RolloutSettings) -> "EpisodeRunner":
+        """A runner with other settings (e.g. evaluation) on the same env pool, engines and event
+        loop: the env pool's futures and semaphore belong to one loop."""
+        other = EpisodeRunner(self.pool, self.engine.engines, self.tok, settings, self.render.processor)
+        other._loop.close()
+        other._loop = self._loop
+        return other
+
     def run(self, seeds: list[int]) -> list[Trajectory]:
         """One batch: len(seeds) groups × group_size episodes, run concurrently. With thousands of
         live coroutines Python's default GC thresholds rescan the heap constantly (about half the
-        driver's time per env step in bench/env_scale.py), so they are raised while it runs."""
+        driver's time per env step in bench/env_scale.py), so they are raised while it runs.
+        While the loop streams on its own thread (async training), the batch joins it there."""
+        if self._loop.is_running():
+            return asyncio.run_coroutine_threadsafe(self.run_async(seeds), self._loop).result()
         thresholds = gc.get_threshold()
         gc.set_threshold(100_000, 50, 1000)
         try:

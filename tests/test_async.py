@@ -10,6 +10,9 @@ def test_one_step_off_trains_on_samples_exactly_one_version_old(tmp_path):
     # step k-1 trained), so exactly one version behind the learner
     assert [m["rollout/policy_version"] for m in metrics] == [0, 0, 1, 2]
     assert [m["async/staleness_max"] for m in metrics] == [0, 1, 1, 1]
+    # eval (eval.every=10: after steps 0 and 3) syncs the engines to the learner first, without
+    # changing which version the next rollouts use (above)
+    assert [m.get("eval/policy_version") for m in metrics] == [1, None, None, 4]
     for m in metrics:
         assert m["is/mean"] > 0 and 0 <= m["is/clipped_frac"] <= 1 and m["train/policy_tokens"] > 0
 
@@ -20,6 +23,9 @@ def test_async_never_trains_on_samples_beyond_max_staleness(tmp_path):
     assert all(m["async/staleness_max"] <= 1 for m in metrics), [m["async/staleness_max"] for m in metrics]
     assert any(m["async/staleness_max"] == 1 for m in metrics)  # it did run ahead of the learner
     assert all(m["rollout/episodes"] >= 256 and "async/stale_groups_dropped" in m for m in metrics)
+    # eval episodes join the running stream's event loop, on the just-synced policy
+    assert [m.get("eval/policy_version") for m in metrics] == [1, None, None, None, 5]
+    assert metrics[-1]["eval/num_episodes"] == 64 and metrics[-1]["eval/failed_episodes"] == 0
 
 
 def test_async_zero_staleness_is_on_policy(tmp_path):

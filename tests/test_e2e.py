@@ -32,6 +32,9 @@ def test_default_config_runs_and_reports(tmp_path):
         assert m["rollout/policy_version"] == i  # samples of step i came from version i (sync mode)
         assert m["sync/bytes"] > 0 and m["env/failed_episodes"] == 0
         assert 0 <= m["mismatch/kl"] < 0.05
+    # eval.every=10: held-out evaluation after step 0, and after the last step (eval.at_end)
+    assert [m.get("eval/num_episodes") for m in metrics] == [64, None, 64]
+    assert metrics[2]["eval/policy_version"] == 3 and 0 <= metrics[2]["eval/reward_mean"] <= 1
     assert (tmp_path / "run" / "wandb").is_dir()  # offline W&B run inside the run folder
     assert f"report: {tmp_path / 'run' / 'report.png'}" in proc.stdout
     assert (tmp_path / "run" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
