@@ -92,6 +92,26 @@ def start_ray(cfg, tmp: Path, cache_root: Path) -> bool:
     return True
 
 
+def env_pool_for(e):
+    """The env pool of an `env` config (EnvConfig)."""
+    from rollout.env_pool import EnvPool
+
+    return EnvPool(e.name, e._target_, e.kwargs, num_actors=e.num_actors, envs_per_actor=e.envs_per_actor,
+                   num_cpus_per_actor=e.num_cpus_per_actor, step_timeout_s=e.step_timeout_s,
+                   call_timeout_s=e.call_timeout_s, placement=e.placement)
+
+
+def engine_config(cfg, model: str, index: int):
+    """The EngineConfig of engine `index` serving `model` under cfg.rollout / cfg.policy."""
+    from rollout.engine import EngineConfig
+
+    r = cfg.rollout
+    return EngineConfig(model=model, dtype=cfg.policy.engine_dtype, seed=cfg.seed + index,
+                        max_model_len=r.max_model_len, kv_cache_memory_mb=r.kv_cache_memory_mb,
+                        enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
+                        backend=r.engine_backend, cpus=r.engine_cpus, extra=r.extra)
+
+
 def info_means(trajs) -> dict[str, float]:
     """Mean of every numeric `info` value the env reported (e.g. tool_calls), as env/info/<key>."""
     keys = {k for t in trajs for k, v in t.info.items()
@@ -164,17 +184,13 @@ class Controller:
         tmp = self.run_dir / "tmp"
         tmp.mkdir(exist_ok=True)
         self._owns_ray = start_ray(cfg, tmp, self._cache_root())
-        from rollout.engine import EngineConfig, engine_actor
+        from rollout.engine import engine_actor
         from rollout.engine_pool import EnginePool
-        from rollout.env_pool import EnvPool
         from rollout.episodes import EpisodeRunner, RolloutSettings
 
         r, e = cfg.rollout, cfg.env
         try:
-            self.env_pool = EnvPool(e.name, e._target_, e.kwargs, num_actors=e.num_actors,
-                                    envs_per_actor=e.envs_per_actor, num_cpus_per_actor=e.num_cpus_per_actor,
-                                    step_timeout_s=e.step_timeout_s, call_timeout_s=e.call_timeout_s,
-                                    placement=e.placement)
+            self.env_pool = env_pool_for(e)
         except TimeoutError as err:
             raise RunError(str(err)) from err
         eng_cls = engine_actor(r.engine_num_cpus)
@@ -182,12 +198,7 @@ class Controller:
                       "use learner.sync_transport=object_store to let engines restart"
                       if cfg.learner.sync_transport == "broadcast" else None)
         self.engine_pool = EnginePool.start(eng_cls, [
-            EngineConfig(
-                model=self.policy_path, dtype=cfg.policy.engine_dtype, seed=cfg.seed + i,
-                max_model_len=r.max_model_len, kv_cache_memory_mb=r.kv_cache_memory_mb,
-                enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
-                backend=r.engine_backend, cpus=r.engine_cpus, extra=r.extra)
-            for i in range(r.num_engines)
+            engine_config(cfg, self.policy_path, i) for i in range(r.num_engines)
         ], resync=self._resync_engine, max_restarts=r.max_engine_restarts, cannot_restart=no_restart)
         self.engines = self.engine_pool.engines  # one list, shared with the episode runner; replaced in place
         l, a = cfg.learner, cfg.algorithm
@@ -383,8 +394,6 @@ class Controller:
         return (*self._assemble(kept, no_signal, stats), everything, stats)
 
     def _sync_weights(self, interrupt: bool) -> dict:
-        import ray
-
         t0 = time.perf_counter()
         self.engine_pool.replace_dead()  # an engine that died since the rollout is replaced (and resynced) first
         push = "push_weights_broadcast" if self.cfg.learner.sync_transport == "broadcast" else "push_weights"
@@ -398,8 +407,6 @@ class Controller:
         """A restarted engine (rollout/engine_pool.py) gets the learner's current weights and adopts
         its version: in sync mode that is the version the other engines have; in the overlapped modes
         it waits for a running update and may be one version ahead of them until the next sync."""
-        import ray
-
         with self._learner_lock:
             version = self.version
             _get_all([x.push_weights.remote([engine], version, self.cfg.learner.sync_bucket_mb, False)
@@ -612,8 +619,6 @@ class Controller:
     def export(self, folder: str | Path) -> str:
         """An HF checkpoint folder of the current policy (weights + config + tokenizer/processor);
         LoRA runs export merged weights."""
-        import ray
-
         out = _get_all([x.save_hf.remote(str(folder), self.policy_path) for x in self.learners])
         return out[0]
 

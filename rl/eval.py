@@ -121,9 +121,8 @@ def evaluate_checkpoint(cfg, checkpoint: Path, out: Path) -> dict:
 
     from envs.registry import resolve_env_class
     from policies.build import default_cache_dir, load_processor, load_tokenizer
-    from rl.controller import start_ray
-    from rollout.engine import EngineConfig, engine_actor
-    from rollout.env_pool import EnvPool
+    from rl.controller import engine_config, env_pool_for, start_ray
+    from rollout.engine import engine_actor
 
     resolve_env_class(cfg.env.name, cfg.env._target_)  # bad env: fail before anything starts
     tokenizer, processor = load_tokenizer(str(checkpoint)), load_processor(str(checkpoint))
@@ -134,14 +133,9 @@ def evaluate_checkpoint(cfg, checkpoint: Path, out: Path) -> dict:
     r, e = cfg.rollout, cfg.env
     pool, engines = None, []
     try:
-        pool = EnvPool(e.name, e._target_, e.kwargs, num_actors=e.num_actors, envs_per_actor=e.envs_per_actor,
-                       num_cpus_per_actor=e.num_cpus_per_actor, step_timeout_s=e.step_timeout_s,
-                       call_timeout_s=e.call_timeout_s, placement=e.placement)
-        engines = [engine_actor(r.engine_num_cpus).remote(EngineConfig(
-            model=str(checkpoint), dtype=cfg.policy.engine_dtype, seed=cfg.seed + i, max_model_len=r.max_model_len,
-            kv_cache_memory_mb=r.kv_cache_memory_mb, enforce_eager=r.enforce_eager,
-            enable_prefix_caching=r.enable_prefix_caching, backend=r.engine_backend, cpus=r.engine_cpus,
-            extra=r.extra)) for i in range(r.num_engines)]
+        pool = env_pool_for(e)
+        engines = [engine_actor(r.engine_num_cpus).remote(engine_config(cfg, str(checkpoint), i))
+                   for i in range(r.num_engines)]
         ray.get([x.ready.remote() for x in engines])
         runner = EpisodeRunner(pool, engines, tokenizer, eval_settings(cfg), processor=processor)
         t0 = time.perf_counter()

@@ -17,7 +17,6 @@ import asyncio
 import os
 import signal
 import threading
-import time
 import traceback
 from dataclasses import dataclass
 from typing import Any

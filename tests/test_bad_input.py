@@ -293,3 +293,12 @@ def test_episode_longer_than_the_context_ends_exactly_at_the_limit(rollout):
         assert len(t.loss_mask) == len(t.behaviour_logprobs) == len(t.versions) == len(t.response_ids)
         assert t.turns >= 2 and t.num_policy_tokens >= t.turns and t.reward == 0.25 * t.turns
     assert any(t.loss_mask[-1] == 0 for t in trajs)  # an env reply was cut at the limit
+
+
+def test_resume_from_a_missing_folder_or_a_run_without_checkpoints(tmp_path):
+    line = error_line(run_cli(tmp_path, f"resume={tmp_path / 'no_such_run'}"))
+    assert f"resume={tmp_path / 'no_such_run'}: no such folder" in line and "resume=latest" in line, line
+    half = tmp_path / "crashed" / "checkpoints" / "step_000004"  # a save that never finished
+    half.mkdir(parents=True)
+    line = error_line(run_cli(tmp_path, f"resume={tmp_path / 'crashed'}"))
+    assert "no complete checkpoint" in line and "step_000004 never finished saving" in line, line
