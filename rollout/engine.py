@@ -479,6 +479,8 @@ class VLLMEngine:
 
     async def ready(self) -> dict:
         """Warm up (the first request pays one-off kernel setup) and report the engine's setup."""
+        if not _on_gpu():  # before any seeded request (rollout/vllm_ext.py install_cpu_seed_rewind)
+            await self.backend.collective_rpc("install_cpu_fixes", (), reset_cache=False)
         await self.generate([[0, 1, 2]], n=1, max_tokens=2)
         return {"dtype": self.dtype, "version": self.version, "backend": self.backend_name}
 

@@ -70,8 +70,64 @@ def _prepack_cpu_moe_on_reload(model) -> None:
         qm._qrl_prepack_on_reload = True
 
 
+class _Rewind:
+    """Stands in for a CPU torch.Generator while vLLM rewinds it (see install_cpu_seed_rewind)."""
+
+    def __init__(self, gen, state):
+        self.gen, self.state = gen, state
+
+    def get_offset(self) -> int:
+        return 0
+
+    def set_offset(self, offset: int) -> None:
+        self.gen.set_state(self.state)  # back to before this step's (discarded) sample
+
+
+def install_cpu_seed_rewind(runner) -> bool:
+    """vLLM 0.32 bug on CPU: a request with a sampling seed whose prompt is prefilled in chunks gets a
+    throw-away sample per partial chunk, after which vLLM rewinds the request's generator with
+    `Generator.set_offset`, which CPU (Mersenne Twister) generators lack: "CPU Generator does not use
+    offset" kills the engine. Here the seeded generators' states are saved before each sampling step
+    and restored for the discarded samples: the same rewind, so a seeded request draws the same
+    tokens whether or not its prompt was chunked (what makes rollouts reproducible)."""
+    if getattr(runner, "_qrl_seed_rewind", False) or not hasattr(runner, "_bookkeeping_sync"):
+        return False
+    import numpy as np
+
+    sample_tokens, bookkeeping = runner.sample_tokens, runner._bookkeeping_sync
+    saved: dict = {}
+
+    def sample_tokens_saving_states(*args, **kwargs):
+        saved.clear()
+        saved.update({i: g.get_state() for i, g in runner.input_batch.generators.items() if g.device.type == "cpu"})
+        return sample_tokens(*args, **kwargs)
+
+    def bookkeeping_with_rewind(*args, **kwargs):
+        gens = runner.input_batch.generators
+        discarded = np.nonzero(runner.discard_request_mask.np[:runner.input_batch.num_reqs])[0]
+        swapped = {int(i): gens[int(i)] for i in discarded if int(i) in gens and int(i) in saved}
+        for i, g in swapped.items():
+            gens[i] = _Rewind(g, saved[i])
+        try:
+            return bookkeeping(*args, **kwargs)
+        finally:
+            gens.update(swapped)
+
+    runner.sample_tokens, runner._bookkeeping_sync = sample_tokens_saving_states, bookkeeping_with_rewind
+    runner._qrl_seed_rewind = True
+    return True
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`); `self` is the worker."""
+
+    def install_cpu_fixes(self) -> bool:
+        """CPU engines: install_cpu_seed_rewind on this worker's model runner (idempotent)."""
+        import torch
+
+        if torch.cuda.is_available():
+            return False
+        return install_cpu_seed_rewind(self.model_runner)
 
     def load_hf_weights(self, named_tensors) -> int:
         # `reload_weights` re-runs vLLM's weight processing (CPU repacking, fused qkv, ...), which a

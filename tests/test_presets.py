@@ -95,6 +95,7 @@ def folder_9b(tmp_path):
     d = tmp_path / "qwen3.5-9b"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(published_style_config("qwen3_5_9b")))
+    (d / "model.safetensors").write_bytes(b"")  # a stand-in: the shape check comes before any weight loads
     return d
 
 
