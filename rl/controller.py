@@ -18,7 +18,7 @@ from rl.config import TrainConfig, validate
 from rl.critic import Critic
 from rl.eval import Evaluator
 from rl.learner import AlgoSettings, Learner, LearnerSettings
-from rl.logger import SAMPLES_KEY, RunLogger
+from rl.logger import SAMPLES_KEY, RunLogger, append_env_errors
 from rl.monitor import MismatchMonitor
 from rl.reference import ReferencePolicy
 from rl.trajectory import collate, group_staleness
@@ -636,12 +636,7 @@ class Controller:
 
     def _log_env_errors(self) -> None:
         """Every env failure of this step (also the retried ones) goes to env_errors.jsonl."""
-        if self.runner.errors:
-            import json
-
-            with open(self.run_dir / "env_errors.jsonl", "a") as f:
-                for err in self.runner.errors:
-                    f.write(json.dumps({"step": self.step, **err}) + "\n")
+        append_env_errors(self.run_dir, self.step, self.runner.errors)
 
     def close(self) -> None:
         import ray

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from rl.logger import append_env_errors
 from rollout.episodes import EpisodeRunner, RolloutSettings
 
 ACCEPTS = ("give an HF model folder (config.json + weights + tokenizer, e.g. <run>/final), a run folder (its "
@@ -91,10 +92,8 @@ class Evaluator:
         """Run the eval episodes now (the engines must hold the policy to evaluate); env failures go
         to <run_dir>/env_errors.jsonl marked "phase": "eval"."""
         trajs = self.runner.run(self.seeds)
-        if self.run_dir is not None and self.runner.errors:
-            with open(Path(self.run_dir) / "env_errors.jsonl", "a") as f:
-                for err in self.runner.errors:
-                    f.write(json.dumps({"step": step, "phase": "eval", **err}) + "\n")
+        if self.run_dir is not None:
+            append_env_errors(self.run_dir, step, self.runner.errors, phase="eval")
         return summarize(trajs)
 
 
@@ -104,8 +103,10 @@ def resolve_checkpoint(path: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint={path} does not exist; {ACCEPTS}")
-    newest = sorted((p / "checkpoints").glob("step_*/hf"), reverse=True)
-    for folder in [p, p / "hf", p / "final", *newest]:
+    from rl.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(p)  # complete checkpoints only, never a half-written .tmp save
+    for folder in [p, p / "hf", p / "final", *([newest / "hf"] if newest else [])]:
         if (folder / "config.json").is_file():
             return folder.resolve()
     raise FileNotFoundError(f"checkpoint={path} has no config.json (nor hf/, final/ or checkpoints/step_*/hf/ "

@@ -75,5 +75,13 @@ class RunLogger:
             self.wandb.finish()
 
 
+def append_env_errors(run_dir: str | Path, step: int, errors: list[dict], **extra) -> None:
+    """Env failures (also retried ones) as rows of <run_dir>/env_errors.jsonl."""
+    if errors:
+        with open(Path(run_dir) / "env_errors.jsonl", "a") as f:
+            for err in errors:
+                f.write(json.dumps({"step": step, **extra, **err}) + "\n")
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
