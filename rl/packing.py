@@ -46,7 +46,7 @@ def pack(input_ids: torch.Tensor, lengths: torch.Tensor):
 
 
 def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
-                          chunk_tokens: int = 4096, with_entropy: bool = False):
+                          chunk_tokens: int = 4096, with_entropy: bool = False, fused: bool = False):
     """Same result as `rl.logprobs.token_logprobs(model, input_ids)` on the valid positions
     ([B, T-1], zeros past each sample's end), computed on one packed row."""
     B, T = input_ids.shape
@@ -59,7 +59,8 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, lengt
     is_last = torch.zeros(N, dtype=torch.bool, device=ids.device)
     is_last[(cu[1:] - 1).long()] = True
     src = torch.nonzero(~is_last).squeeze(1)
-    res = head_logprobs(model.get_output_embeddings(), h[src], ids[0, src + 1], chunk_tokens, with_entropy)
+    res = head_logprobs(model.get_output_embeddings(), h[src], ids[0, src + 1], chunk_tokens, with_entropy,
+                        fused=fused)
     lens = lengths.to(torch.long).to(ids.device)
     row = torch.repeat_interleave(torch.arange(B, device=ids.device), (lens - 1).clamp(min=0))
     col = positions[0, src]
