@@ -95,11 +95,23 @@ def _fla_chunk_rule():
     return chunk_gated_delta_rule
 
 
+def fla_cu_seqlens(cu_seqlens: torch.Tensor) -> dict:
+    """`cu_seqlens` (int64, as fla wants it) and its host copy for fla's kernels. Both are cached on the
+    tensor, so every layer passes the same objects: fla then builds its chunk indices once per row
+    and never syncs the GPU to read the boundaries (rl/packing.py attaches the host copy)."""
+    cached = getattr(cu_seqlens, "_qrl_fla", None)
+    if cached is None:
+        host = getattr(cu_seqlens, "_qrl_cpu", None)
+        cached = {"cu_seqlens": cu_seqlens.long(), "cu_seqlens_cpu": host.long() if host is not None else None}
+        cu_seqlens._qrl_fla = cached
+    return cached
+
+
 def varlen_delta_rule(module, q, k, v, g, beta, cu_seqlens):
     """Gated delta rule over a packed row (tensors [1, N, heads, dim]) with a fresh state per sample."""
-    fla_rule = _fla_chunk_rule() if q.is_cuda else None
+    fla_rule = _fla_chunk_rule() if q.is_cuda and not getattr(module, "_qrl_torch_rule", False) else None
     if fla_rule is not None:
-        out, _ = fla_rule(q, k, v, g=g, beta=beta, cu_seqlens=cu_seqlens.long(), use_qk_l2norm_in_kernel=True)
+        out, _ = fla_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True, **fla_cu_seqlens(cu_seqlens))
         return out
     rule = sys.modules[type(module).__module__].torch_chunk_gated_delta_rule
     N = q.shape[1]
@@ -122,12 +134,18 @@ def varlen_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) 
     if hidden_states.shape[0] != 1:
         raise ValueError(f"packed Gated DeltaNet input must be one row [1, N, H], got {tuple(hidden_states.shape)}")
     _, N, _ = hidden_states.shape
-    mixed_qkv = self.in_proj_qkv(hidden_states)[0].transpose(0, 1)  # [C, N]
     z = self.in_proj_z(hidden_states).reshape(1, N, -1, self.head_v_dim)
     b = self.in_proj_b(hidden_states)
     a = self.in_proj_a(hidden_states)
-    mixed_qkv = varlen_causal_conv(mixed_qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation,
-                                   cu_seqlens).transpose(0, 1).unsqueeze(0)  # [1, N, C]
+    if getattr(self, "_qrl_fast_conv", False) and hidden_states.is_cuda:  # policies/fast_kernels.py
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        mixed_qkv, _ = causal_conv1d(self.in_proj_qkv(hidden_states), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                     activation=self.activation, **fla_cu_seqlens(cu_seqlens))  # [1, N, C]
+    else:
+        mixed_qkv = self.in_proj_qkv(hidden_states)[0].transpose(0, 1)  # [C, N]
+        mixed_qkv = varlen_causal_conv(mixed_qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation,
+                                       cu_seqlens).transpose(0, 1).unsqueeze(0)  # [1, N, C]
     query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
     query = query.reshape(1, N, -1, self.head_k_dim)
     key = key.reshape(1, N, -1, self.head_k_dim)

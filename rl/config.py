@@ -73,6 +73,11 @@ class LearnerConfig:
     # sample, block-diagonal attention): no compute on padding; off: right-padded micro-batches
     packing: bool = True
     gradient_checkpointing: bool = False
+    # GPU speed (no effect on CPU): fla's fused norm/SwiGLU/conv kernels (auto | torch), the LM head's
+    # logprobs in Triton kernels without fp32 logits, torch's fused AdamW (bench/results/learner_gpu.md)
+    kernels: str = "auto"
+    fused_logprobs: bool = True
+    fused_optimizer: bool = True
     num_threads: int = 1
     cpus: Optional[str] = None  # CPU machines: pin each learner rank to these cores, e.g. "1" (null: no pinning)
     sync_bucket_mb: float = 64.0
@@ -243,6 +248,9 @@ def validate(cfg: TrainConfig) -> None:
     if l.lora.rank < 0 or l.lora.alpha <= 0 or not 0 <= l.lora.dropout < 1:
         raise ValueError(f"learner.lora: rank={l.lora.rank} alpha={l.lora.alpha} dropout={l.lora.dropout}; use rank >= 0 "
                          "(0: off), alpha > 0, 0 <= dropout < 1")
+    from policies.fast_kernels import parse_kernels
+
+    parse_kernels(l.kernels)  # raises naming the bad value and the choices
     validate_algorithm(cfg)
     validate_eval(cfg)
     t = cfg.trainer

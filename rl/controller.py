@@ -205,6 +205,7 @@ class Controller:
         ls = LearnerSettings(zero_stage=l.zero_stage, dtype=l.dtype, lr=l.lr, weight_decay=l.weight_decay,
                              grad_clip=l.grad_clip, micro_batch_size=l.micro_batch_size, mini_batches=l.mini_batches,
                              logprob_chunk_tokens=l.logprob_chunk_tokens, packing=l.packing, gradient_checkpointing=l.gradient_checkpointing,
+                             kernels=l.kernels, fused_logprobs=l.fused_logprobs, fused_optimizer=l.fused_optimizer,
                              num_threads=l.num_threads, cpus=l.cpus, seed=cfg.seed, ds_extra=l.ds_extra,
                              lora=l.lora)
         algo = AlgoSettings(policy_loss=a.policy_loss, clip_low=a.clip_low, clip_high=a.clip_high,

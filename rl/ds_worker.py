@@ -24,6 +24,9 @@ class LearnerSettings:
     logprob_chunk_tokens: int = 4096
     packing: bool = True  # micro-batches as one packed row (per-sample boundaries, no padding)
     gradient_checkpointing: bool = False
+    kernels: str = "auto"  # auto: fused fla kernels for norms/SwiGLU/conv on CUDA when installed; torch: PyTorch ops
+    fused_logprobs: bool = True  # CUDA: LM head -> logprobs in Triton kernels (no fp32 logits; rl/fused_logprobs.py)
+    fused_optimizer: bool = True  # CUDA: torch's fused AdamW (one kernel for all parameters)
     num_threads: int = 1
     cpus: str | None = None  # CPU cores for this rank on CPU machines (e.g. "1"); None: no pinning
     seed: int = 0
@@ -103,7 +106,8 @@ class DeepSpeedWorker:
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=self.s.weight_decay, betas=tuple(self.s.betas))
+        fused = {"fused": True} if self.cuda and self.s.fused_optimizer else {}
+        opt = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=self.s.weight_decay, betas=tuple(self.s.betas), **fused)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_cfg)
 
     def _load_causal_lm(self, path: str, plain: bool = False):

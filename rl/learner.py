@@ -47,7 +47,15 @@ class Learner(DeepSpeedWorker):
         self.model = self._load_causal_lm(model_path)
         self.lora = self._apply_lora(self.model) if settings.lora.rank > 0 else None
         self.packing = settings.packing and self._enable_packing(self.model)
+        self.kernels = self._enable_kernels(self.model)
         self._initialize(self.model)
+        if self.cuda and settings.fused_logprobs and self.rank == 0:
+            from rl.fused_logprobs import fuse_blocker
+
+            probe = torch.empty(1, 1, dtype=torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32,
+                                device=self.device)
+            why = fuse_blocker(self.engine.module.get_output_embeddings(), probe)
+            print("learner.fused_logprobs: " + (f"off ({why})" if why else "on (Triton LM head -> logprobs)"), flush=True)
         self.version = 0
         self.engine_layout = engine_layout(model_path)  # the names engines started from model_path load
 
@@ -71,13 +79,29 @@ class Learner(DeepSpeedWorker):
         prepare_packing(model)
         return True
 
+    def _enable_kernels(self, model) -> dict:
+        """`learner.kernels=auto`: fla's fused norms / SwiGLU / packed conv on CUDA (policies/fast_kernels.py)."""
+        from policies.fast_kernels import describe, fla_problem, gdn_problem, install_fast_kernels, parse_kernels
+
+        kinds = parse_kernels(self.s.kernels)
+        if not self.cuda:
+            return {}
+        counts = install_fast_kernels(model, kinds)
+        if self.rank == 0:
+            if "gdn" in kinds and gdn_problem():
+                print(f"learner.kernels: Gated DeltaNet on the PyTorch delta rule (slow): {gdn_problem()}", flush=True)
+            why = fla_problem()
+            print(f"learner.kernels: {describe(counts)}" if counts else
+                  f"learner.kernels: PyTorch ops ({why or 'learner.kernels=' + self.s.kernels})", flush=True)
+        return counts
+
     def _logprobs(self, model, mb: dict, with_entropy: bool):
         """Token logprobs [b, T-1] (and entropy) of a micro-batch, packed or padded."""
         if self.packing:
             return packed_token_logprobs(model, mb["input_ids"], mb["lengths"], self.s.logprob_chunk_tokens,
-                                         with_entropy)
+                                         with_entropy, fused=self.s.fused_logprobs)
         return token_logprobs(model, mb["input_ids"], self.s.logprob_chunk_tokens, with_entropy,
-                              **vision_inputs(model, mb))  # VL policy: images merged in ({} for text)
+                              fused=self.s.fused_logprobs, **vision_inputs(model, mb))  # VL policy: images merged in ({} for text)
 
     @torch.no_grad()
     def _score(self, model, batch: dict, with_entropy: bool):

@@ -42,7 +42,9 @@ def pack(input_ids: torch.Tensor, lengths: torch.Tensor):
     positions = torch.arange(T).unsqueeze(0).expand(B, T)[keep].unsqueeze(0).to(input_ids.device)
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
-    return ids, positions, cu.to(input_ids.device)
+    cu_dev = cu.to(input_ids.device)
+    cu_dev._qrl_cpu = cu  # host copy: GPU kernels read the boundaries without a device sync
+    return ids, positions, cu_dev
 
 
 def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
