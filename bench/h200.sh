@@ -21,7 +21,7 @@ case "$1" in
     shift
     export PYTHONPATH=$SITE:$PWD TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
     status=0
-    python3 bench/learner_gpu.py "$@" || status=$?
+    timeout "${BENCH_TIMEOUT:-540}" python3 bench/learner_gpu.py "$@" || status=$?
     if [ -n "${OUT:-}" ]; then tar czf "$OUT/jitcache.tgz" -C / tmp/jit 2>/dev/null || true; ls -la "$OUT"; fi
     exit $status ;;
 esac
