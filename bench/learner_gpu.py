@@ -161,6 +161,12 @@ def compare(name: str, fast, torch_bf16, ref, inputs: dict, upstream) -> dict:
     return row
 
 
+def torch_rule(fn):
+    """transformers swaps fla's kernels in for its PyTorch delta rules when fla is installed; the
+    PyTorch function stays reachable as `__wrapped__`."""
+    return getattr(fn, "__wrapped__", fn)
+
+
 def run_checks(dev: torch.device, res: Results, shape: dict) -> bool:
     import torch.nn.functional as F
     from transformers.models.qwen3_5 import modeling_qwen3_5 as qm
@@ -205,8 +211,8 @@ def run_checks(dev: torch.device, res: Results, shape: dict) -> bool:
 
     fla_fn.keep_fp32 = ("g",)
     res.update("checks", "gated_deltanet_rule", compare(
-        "gated_deltanet_rule (fla chunk, varlen)", fla_fn, per_sample(qm.torch_chunk_gated_delta_rule),
-        per_sample(qm.torch_recurrent_gated_delta_rule), inputs, upstream))
+        "gated_deltanet_rule (fla chunk, varlen)", fla_fn, per_sample(torch_rule(qm.torch_chunk_gated_delta_rule)),
+        per_sample(torch_rule(qm.torch_recurrent_gated_delta_rule)), inputs, upstream))
     ok &= res.data["checks"]["gated_deltanet_rule"]["pass"]
 
     # 2. fused kernels the learner switches to (policies/fast_kernels.py, rl/fused_logprobs.py)

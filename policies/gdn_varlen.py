@@ -114,6 +114,7 @@ def varlen_delta_rule(module, q, k, v, g, beta, cu_seqlens):
         out, _ = fla_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True, **fla_cu_seqlens(cu_seqlens))
         return out
     rule = sys.modules[type(module).__module__].torch_chunk_gated_delta_rule
+    rule = getattr(rule, "__wrapped__", rule)  # transformers swaps in fla's kernel when installed: the PyTorch rule
     N = q.shape[1]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     S, L = len(lengths), int(lengths.max())
