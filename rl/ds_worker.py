@@ -188,7 +188,10 @@ class DeepSpeedWorker:
                     mb[k] = v[:, :T]
                 elif v.dim() == 2 and v.shape[1] == T_full - 1:
                     mb[k] = v[:, : T - 1]
-            yield {k: v.to(self.device) for k, v in mb.items()}
+            out = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}  # pageable: staged, no sync
+            out["lengths_cpu"] = mb["lengths"]  # host copies: packing and counts need no GPU sync
+            out["num_policy_tokens"] = float(mb["loss_mask"].sum()) if "loss_mask" in mb else 0.0
+            yield out
 
     def _pad_to(self, x: torch.Tensor, T: int) -> torch.Tensor:
         return torch.nn.functional.pad(x.float().cpu(), (0, T - x.shape[1]))

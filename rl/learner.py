@@ -98,7 +98,7 @@ class Learner(DeepSpeedWorker):
     def _logprobs(self, model, mb: dict, with_entropy: bool):
         """Token logprobs [b, T-1] (and entropy) of a micro-batch, packed or padded."""
         if self.packing:
-            return packed_token_logprobs(model, mb["input_ids"], mb["lengths"], self.s.logprob_chunk_tokens,
+            return packed_token_logprobs(model, mb["input_ids"], mb["lengths_cpu"], self.s.logprob_chunk_tokens,
                                          with_entropy, fused=self.s.fused_logprobs)
         return token_logprobs(model, mb["input_ids"], self.s.logprob_chunk_tokens, with_entropy,
                               fused=self.s.fused_logprobs, **vision_inputs(model, mb))  # VL policy: images merged in ({} for text)
@@ -164,15 +164,16 @@ class Learner(DeepSpeedWorker):
                     num_seqs=num_seqs, norm_tokens=a.loss_norm_tokens, ref_logprobs=mb.get("ref_logprobs"),
                     kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
                     entropy=ent.float() if ent is not None else None, entropy_coef=a.entropy_coef,
-                    is_weights=mb.get("is_weights"))
+                    is_weights=mb.get("is_weights"), tensor_stats=True)
                 self.engine.backward(loss * self.loss_scale)
                 self.engine.step()
-                n = float(mb["loss_mask"].sum())
-                totals["loss"] = totals.get("loss", 0.0) + loss.item()
+                n = mb["num_policy_tokens"]  # counted on the host: no GPU sync per micro-batch
+                totals["loss"] = totals.get("loss", 0.0) + loss.detach()
                 for k in ("clip_frac", "kl_ref"):
                     if k in st:  # token-weighted means
                         totals[k] = totals.get(k, 0.0) + st[k] * n
                 totals["tokens"] = totals.get("tokens", 0.0) + n
+        totals = {k: float(v) for k, v in totals.items()}  # one sync per step
         keys = sorted(totals)
         summed = dict(zip(keys, self._allreduce([totals[k] for k in keys])))
         self.version += 1

@@ -34,15 +34,20 @@ def prepare(model: torch.nn.Module) -> int:
 
 
 def pack(input_ids: torch.Tensor, lengths: torch.Tensor):
-    """input_ids [B, T] right-padded, lengths [B] -> (ids [1, N], position_ids [1, N], cu_seqlens [B+1] int32)."""
+    """input_ids [B, T] right-padded, lengths [B] -> (ids [1, N], position_ids [1, N], cu_seqlens [B+1] int32).
+    Indices are built on the host from `lengths` (pass a CPU tensor: no GPU sync) and copied over."""
     lengths = lengths.to(torch.long).cpu()
     B, T = input_ids.shape
+    dev = input_ids.device
     keep = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T]
-    ids = input_ids[keep.to(input_ids.device)].unsqueeze(0)
-    positions = torch.arange(T).unsqueeze(0).expand(B, T)[keep].unsqueeze(0).to(input_ids.device)
+    flat = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    ids = input_ids.reshape(-1)[flat.to(dev, non_blocking=True)].unsqueeze(0)
+    positions_cpu = torch.arange(T).unsqueeze(0).expand(B, T)[keep].unsqueeze(0)
+    positions = positions_cpu.to(dev, non_blocking=True)
+    positions._qrl_cpu = positions_cpu
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
-    cu_dev = cu.to(input_ids.device)
+    cu_dev = cu.to(dev, non_blocking=True)
     cu_dev._qrl_cpu = cu  # host copy: GPU kernels read the boundaries without a device sync
     return ids, positions, cu_dev
 
@@ -50,22 +55,25 @@ def pack(input_ids: torch.Tensor, lengths: torch.Tensor):
 def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
                           chunk_tokens: int = 4096, with_entropy: bool = False, fused: bool = False):
     """Same result as `rl.logprobs.token_logprobs(model, input_ids)` on the valid positions
-    ([B, T-1], zeros past each sample's end), computed on one packed row."""
+    ([B, T-1], zeros past each sample's end), computed on one packed row. `lengths` on the host
+    keeps the whole call free of GPU syncs."""
     B, T = input_ids.shape
+    lengths = lengths.to(torch.long).cpu()
     ids, positions, cu = pack(input_ids, lengths)
     L = int(lengths.max())
     h = hidden_states(model, ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                       max_length_q=L, max_length_k=L)[0]  # [N, H]
     N = ids.shape[1]
-    # every position except each sample's last predicts the next packed token
-    is_last = torch.zeros(N, dtype=torch.bool, device=ids.device)
-    is_last[(cu[1:] - 1).long()] = True
-    src = torch.nonzero(~is_last).squeeze(1)
+    dev = ids.device
+    # every position except each sample's last predicts the next packed token (indices built on the host)
+    is_last = torch.zeros(N, dtype=torch.bool)
+    is_last[(cu._qrl_cpu[1:] - 1).long()] = True
+    src_cpu = torch.nonzero(~is_last).squeeze(1)
+    src = src_cpu.to(dev, non_blocking=True)
     res = head_logprobs(model.get_output_embeddings(), h[src], ids[0, src + 1], chunk_tokens, with_entropy,
                         fused=fused)
-    lens = lengths.to(torch.long).to(ids.device)
-    row = torch.repeat_interleave(torch.arange(B, device=ids.device), (lens - 1).clamp(min=0))
-    col = positions[0, src]
+    row = torch.repeat_interleave(torch.arange(B), (lengths - 1).clamp(min=0)).to(dev, non_blocking=True)
+    col = positions._qrl_cpu[0, src_cpu].to(dev, non_blocking=True)
 
     def unpack(x):
         out = x.new_zeros(B, T - 1)

@@ -327,7 +327,7 @@ def test_ppo_clip_ratio_one_is_policy_gradient():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     loss, stats = ppo_clip_loss(lp, lp.clone(), adv, mask)
     assert loss.item() == pytest.approx(-2.0)  # -(1*2 + 1*2)/2
-    assert stats["clip_frac"] == 0.0
+    assert float(stats["clip_frac"]) == 0.0
 
 
 def test_ppo_clip_per_token_ratio_one_is_minus_advantage():
@@ -335,7 +335,7 @@ def test_ppo_clip_per_token_ratio_one_is_minus_advantage():
     adv = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -4.0]])
     per_token, stats = ppo_clip(lp, lp.clone(), adv, torch.ones(2, 3))
     assert close(per_token, [[-2.0, 1.0, -0.5], [0.0, -3.0, 4.0]])
-    assert stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
+    assert float(stats["clip_frac"]) == 0.0 and float(stats["ratio_mean"]) == pytest.approx(1.0)
     # [B] advantages broadcast over the tokens
     per_token, _ = ppo_clip(lp, lp.clone(), torch.tensor([1.5, -2.0]), torch.ones(2, 3))
     assert close(per_token, [[-1.5] * 3, [2.0] * 3])
@@ -352,7 +352,7 @@ def test_ppo_clip_hand_computed():
     terms = [min(r[0] * 1, 1.2 * 1), min(r[1] * -1, 0.8 * -1), min(r[2], 1.1052), min(-r[3], -1.2)]
     expected = -sum(terms) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-4)
-    assert stats["clip_frac"] == pytest.approx(0.5)  # tokens 0 and 1 are clipped
+    assert float(stats["clip_frac"]) == pytest.approx(0.5)  # tokens 0 and 1 are clipped
 
 
 def test_ppo_clip_higher_hand_computed():
@@ -363,13 +363,13 @@ def test_ppo_clip_higher_hand_computed():
     mask = torch.ones(1, 2)
     # symmetric eps 0.2: token 0 -> -min(1.25*2, 1.2*2) = -2.4; token 1 -> -min(-0.75, -0.8) = 0.8; both clipped
     pt, st = ppo_clip(lp, old, adv, mask, clip_low=0.2, clip_high=0.2)
-    assert close(pt, [[-2.4, 0.8]], atol=1e-5) and st["clip_frac"] == pytest.approx(1.0)
+    assert close(pt, [[-2.4, 0.8]], atol=1e-5) and float(st["clip_frac"]) == pytest.approx(1.0)
     # clip-higher eps_high 0.28: 1.25 < 1.28 is not clipped -> -2.5; the low side is unchanged
     pt, st = ppo_clip(lp, old, adv, mask, clip_low=0.2, clip_high=0.28)
-    assert close(pt, [[-2.5, 0.8]], atol=1e-5) and st["clip_frac"] == pytest.approx(0.5)
+    assert close(pt, [[-2.5, 0.8]], atol=1e-5) and float(st["clip_frac"]) == pytest.approx(0.5)
     # widening only the low side: 0.75 > 1 - 0.3 is not clipped -> 0.75; the high side clips again
     pt, st = ppo_clip(lp, old, adv, mask, clip_low=0.3, clip_high=0.2)
-    assert close(pt, [[-2.4, 0.75]], atol=1e-5) and st["clip_frac"] == pytest.approx(0.5)
+    assert close(pt, [[-2.4, 0.75]], atol=1e-5) and float(st["clip_frac"]) == pytest.approx(0.5)
 
 
 def test_ppo_clip_pessimistic_side_is_not_clipped():
@@ -378,7 +378,7 @@ def test_ppo_clip_pessimistic_side_is_not_clipped():
     lp = torch.tensor([[math.log(0.5), math.log(1.5)]])
     pt, st = ppo_clip(lp, old, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2))
     assert close(pt, [[-0.5, 1.5]], atol=1e-6)
-    assert st["clip_frac"] == 0.0
+    assert float(st["clip_frac"]) == 0.0
 
 
 def test_ppo_clip_frac_and_ratio_mean_count_masked_tokens_only():
@@ -387,10 +387,10 @@ def test_ppo_clip_frac_and_ratio_mean_count_masked_tokens_only():
     lp = torch.log(torch.tensor([[1.5, 1.0, 1.1, 3.0]]))
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     _, st = ppo_clip(lp, old, torch.tensor([1.0]), mask)
-    assert st["clip_frac"] == pytest.approx(1 / 3)
-    assert st["ratio_mean"] == pytest.approx((1.5 + 1.0 + 1.1) / 3, rel=1e-6)
+    assert float(st["clip_frac"]) == pytest.approx(1 / 3)
+    assert float(st["ratio_mean"]) == pytest.approx((1.5 + 1.0 + 1.1) / 3, rel=1e-6)
     _, st = ppo_clip(lp, old, torch.tensor([1.0]), torch.ones(1, 4))
-    assert st["clip_frac"] == pytest.approx(2 / 4)
+    assert float(st["clip_frac"]) == pytest.approx(2 / 4)
 
 
 def test_ppo_clip_gradient_masks_non_policy_tokens():
@@ -417,14 +417,14 @@ def test_gspo_sequence_ratio_hand_computed():
     s = math.exp((0.3 - 0.1 + 0.1) / 3)  # 1.10517
     pt, st = gspo(lp, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.2)
     assert close(pt * mask, [[-s, -s, -s, 0.0]], atol=1e-6)  # the same ratio on every token
-    assert st["ratio_mean"] == pytest.approx(s, rel=1e-6) and st["clip_frac"] == 0.0
+    assert float(st["ratio_mean"]) == pytest.approx(s, rel=1e-6) and float(st["clip_frac"]) == 0.0
     # default GSPO eps (3e-4, 4e-4): clipped at 1 + 4e-4
     pt, st = gspo(lp, old, torch.tensor([1.0]), mask)
     assert close(pt * mask, [[-(1 + 4e-4)] * 3 + [0.0]], atol=1e-6)
-    assert st["clip_frac"] == pytest.approx(1.0)
+    assert float(st["clip_frac"]) == pytest.approx(1.0)
     # a negative advantage with the same ratio is not clipped (pessimistic side): -(s * -2)
     pt, st = gspo(lp, old, torch.tensor([-2.0]), mask)
-    assert close(pt * mask, [[2 * s] * 3 + [0.0]], atol=1e-6) and st["clip_frac"] == 0.0
+    assert close(pt * mask, [[2 * s] * 3 + [0.0]], atol=1e-6) and float(st["clip_frac"]) == 0.0
 
 
 @pytest.mark.parametrize("per_token_adv", [False, True])
@@ -439,9 +439,9 @@ def test_gspo_equals_ppo_clip_with_one_policy_token_per_sequence(per_token_adv):
     pt_g, st_g = gspo(lp, old, adv, mask, clip_low=0.2, clip_high=0.25)
     pt_p, st_p = ppo_clip(lp, old, adv, mask, clip_low=0.2, clip_high=0.25)
     assert torch.allclose(pt_g * mask, pt_p * mask, atol=1e-6)
-    assert 0.0 < st_p["clip_frac"] < 1.0  # the example exercises both branches
-    assert st_g["clip_frac"] == pytest.approx(st_p["clip_frac"])
-    assert st_g["ratio_mean"] == pytest.approx(st_p["ratio_mean"], rel=1e-6)
+    assert 0.0 < float(st_p["clip_frac"]) < 1.0  # the example exercises both branches
+    assert float(st_g["clip_frac"]) == pytest.approx(float(st_p["clip_frac"]))
+    assert float(st_g["ratio_mean"]) == pytest.approx(float(st_p["ratio_mean"]), rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -454,7 +454,7 @@ def test_gspo_gradient_is_sequence_ratio_times_advantage(mode):
     adv = torch.tensor([1.0, -2.0, 0.5, -0.7])
     lp = base.clone().requires_grad_(True)
     per_token, st = gspo(lp, old, adv, mask, clip_low=0.2, clip_high=0.2)
-    assert st["clip_frac"] == 0.0
+    assert float(st["clip_frac"]) == 0.0
     aggregate(per_token, mask, mode).backward()
     n = mask.sum(1)
     s = torch.exp(((base - old) * mask).sum(1) / n)  # s_i = exp(mean log-ratio over policy tokens)
@@ -643,7 +643,7 @@ def test_policy_objective_plain_equals_aggregated_policy_loss():
     # ratio 1: per-token loss -A: row 0 (-2, -2), row 1 (1)
     loss, st = policy_objective(PO_LP, PO_LP.clone(), PO_ADV, PO_MASK)
     assert loss.item() == pytest.approx((-2 - 2 + 1) / 3)
-    assert st["pg_loss"] == pytest.approx(-1.0) and st["clip_frac"] == 0.0 and "kl_ref" not in st
+    assert st["pg_loss"] == pytest.approx(-1.0) and float(st["clip_frac"]) == 0.0 and "kl_ref" not in st
     loss, _ = policy_objective(PO_LP, PO_LP.clone(), PO_ADV, PO_MASK, loss_agg="seq-mean-token-mean")
     assert loss.item() == pytest.approx((-4 / 2 + 1 / 1) / 2)
     loss, _ = policy_objective(PO_LP, PO_LP.clone(), PO_ADV, PO_MASK, loss_agg="seq-mean-token-sum", num_seqs=4)

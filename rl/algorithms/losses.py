@@ -69,8 +69,8 @@ def _clipped_surrogate(ratio, advantages, clip_low, clip_high, mask):
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
     with torch.no_grad():
-        stats = {"clip_frac": masked_mean((clipped < unclipped).float(), mask).item(),
-                 "ratio_mean": masked_mean(ratio, mask).item()}
+        stats = {"clip_frac": masked_mean((clipped < unclipped).float(), mask),
+                 "ratio_mean": masked_mean(ratio, mask)}  # 0-dim tensors: no GPU sync here
     return per_token, stats
 
 

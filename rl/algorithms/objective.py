@@ -16,11 +16,13 @@ def policy_objective(
     num_tokens: Optional[float] = None, num_seqs: Optional[float] = None, norm_tokens: Optional[float] = None,
     ref_logprobs: Optional[torch.Tensor] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
     entropy: Optional[torch.Tensor] = None, entropy_coef: float = 0.0, is_weights: Optional[torch.Tensor] = None,
+    tensor_stats: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """loss = agg(policy_loss) + kl_coef·agg(KL(π‖π_ref)) - entropy_coef·agg(H). The KL term is only
     added when `ref_logprobs` is given (KL as a loss; KL as a reward penalty enters the advantages
     instead). `is_weights` [B, T] (off-policy correction, rl/algorithms/importance.py) multiply the
-    policy loss per token. Returns (loss, stats) with stats as floats."""
+    policy loss per token. Returns (loss, stats) with stats as floats (`tensor_stats`: detached 0-dim
+    tensors, so a GPU learner reads them once per step instead of syncing per micro-batch)."""
     if policy_loss not in POLICY_LOSSES:
         raise ValueError(f"unknown policy loss {policy_loss!r}; available: {', '.join(sorted(POLICY_LOSSES))}")
     agg = dict(mode=loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_tokens=norm_tokens)
@@ -30,13 +32,15 @@ def policy_objective(
         per_token = per_token * is_weights
     pg = aggregate(per_token, mask, **agg)
     loss = pg
-    stats = {"pg_loss": pg.item(), **st}
+    stats = {"pg_loss": pg.detach(), **st}
     if ref_logprobs is not None and kl_coef:
         kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
         loss = loss + kl_coef * aggregate(kl, mask, **agg)
-        stats["kl_ref"] = masked_mean(kl.detach(), mask).item()
+        stats["kl_ref"] = masked_mean(kl.detach(), mask)
     if entropy is not None and entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, **agg)
+    if not tensor_stats:
+        stats = {k: float(v) for k, v in stats.items()}
     return loss, stats
 
 
