@@ -46,6 +46,11 @@ VARIANTS = {
     "auto+micro16": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=16),
     "auto+zero0": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, zero_stage=0),
     "auto+unpacked": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, packing=False),
+    "auto+micro32": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=32),
+    "auto+micro16-conv": dict(kernels="gdn,rms_norm,rms_norm_gated,swiglu", fused_logprobs=True, fused_optimizer=True,
+                              micro_batch_size=16),
+    "auto+micro16+ckpt": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=16,
+                              gradient_checkpointing=True),
 }
 DESCRIBE = {
     "torch": "PyTorch everywhere (transformers' ops, PyTorch chunked delta rule, chunked fp32 logprobs, AdamW)",
@@ -55,8 +60,11 @@ DESCRIBE = {
     "auto": "+ fla fused RMSNorm, gated RMSNorm, SwiGLU, varlen causal conv (learner.kernels=auto: the default)",
     "auto+ckpt": "auto + activation checkpointing",
     "auto+micro16": "auto with 16 samples per micro-batch",
-    "auto+zero0": "auto with ZeRO stage 0 (bf16 optimizer, no partitioning)",
+    "auto+zero0": "auto with ZeRO stage 0 (bf16 optimizer, no partitioning; one GPU now runs stage 0 anyway)",
     "auto+unpacked": "auto with right-padded micro-batches (learner.packing=false)",
+    "auto+micro32": "auto with 32 samples per micro-batch",
+    "auto+micro16-conv": "auto+micro16 with the PyTorch conv (F.conv1d + per-sample fix-ups) instead of fla's",
+    "auto+micro16+ckpt": "auto+micro16 + activation checkpointing",
 }
 
 

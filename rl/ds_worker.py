@@ -98,6 +98,16 @@ class DeepSpeedWorker:
         self.device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1)) if self.cuda else torch.device("cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
+        if self.cuda and world_size == 1 and settings.dtype == "bfloat16" and settings.zero_stage in (1, 2):
+            # one GPU: ZeRO-1/2 partition nothing, but their gradient buckets cost ~0.1 s per step on an
+            # H200 (bench/results/learner_gpu_h200.md); DeepSpeed's bf16 optimizer keeps the same fp32
+            # master weights and Adam state
+            from dataclasses import replace
+
+            if rank == 0:
+                print(f"learner: one GPU rank, ZeRO stage {settings.zero_stage} would partition nothing: "
+                      "running stage 0 (bf16 optimizer, fp32 master weights)", flush=True)
+            self.s = settings = replace(settings, zero_stage=0)
         per_rank = samples_per_step // (world_size * settings.mini_batches)
         self.grad_accum = max(per_rank // settings.micro_batch_size, 1)
         self.ds_cfg = ds_config(settings, world_size, self.grad_accum)

@@ -53,6 +53,11 @@ def test_unknown_loss_aggregation(tmp_path):
     assert "algorithm.loss_agg='token_mean'" in line and "seq-mean-token-mean" in line
 
 
+def test_unknown_learner_kernel(tmp_path):
+    line = error_line(run_cli(tmp_path, "learner.kernels='gdn,flash'"))
+    assert "learner.kernels='gdn,flash'" in line and "['flash']" in line and "causal_conv" in line
+
+
 def test_unknown_trainer_mode(tmp_path):
     line = error_line(run_cli(tmp_path, "trainer.mode=fast"))
     assert "trainer.mode='fast'" in line and "one_step_off" in line and "async" in line

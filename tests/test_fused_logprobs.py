@@ -3,8 +3,9 @@ run on CPU under Triton's interpreter; without interpreter mode on CPU, `fused=T
 chunked path. Chunks and vocab blocks split unevenly (n=37, chunk 16; V=1000, BLOCK_V=256).
 
 Triton picks interpreter mode when it is imported (its own library functions are jitted then), and
-vLLM imports triton, so the interpreted tests run in a fresh `TRITON_INTERPRET=1` pytest subprocess
-(test_kernels_under_interpreter); `TRITON_INTERPRET=1 pytest tests/test_fused_logprobs.py` runs them directly."""
+vLLM imports triton, so the interpreted checks (`interp_*`, collected only in that run) run in a fresh
+`TRITON_INTERPRET=1` pytest subprocess (test_kernels_under_interpreter); by hand:
+`TRITON_INTERPRET=1 pytest -o python_functions='interp_*' tests/test_fused_logprobs.py`."""
 import os
 import re
 import subprocess
@@ -26,17 +27,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 @pytest.fixture
 def interpret(monkeypatch):
     """Triton kernels run by the interpreter on CPU, with vocab blocks that split V unevenly."""
-    if not INTERPRETED:
-        pytest.skip("runs in test_kernels_under_interpreter's TRITON_INTERPRET=1 subprocess")
+    assert INTERPRETED, "interp_* checks run with TRITON_INTERPRET=1 (see the module docstring)"
     monkeypatch.setattr(fl, "BLOCK_V", 256)
 
 
 def test_kernels_under_interpreter(tmp_path):
-    if INTERPRETED:
-        pytest.skip("this is the interpreted run")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-           "-k", "not under_interpreter and not falls_back"]
+           "-o", "python_functions=interp_*"]
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-8000:]
@@ -70,7 +68,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_fused_matches_float64(interpret, dtype, tol, with_entropy):
+def interp_fused_matches_float64(interpret, dtype, tol, with_entropy):
     hidden, head, targets, g_lp, g_ent = inputs(dtype)
     h = hidden.clone().requires_grad_()
     assert fl.can_fuse(head, h), fl.fuse_blocker(head, h)
@@ -87,7 +85,7 @@ def test_fused_matches_float64(interpret, dtype, tol, with_entropy):
     assert rel(h.grad, gh_ref) < tol and rel(head.weight.grad, gw_ref) < tol
 
 
-def test_one_output_and_one_input_grad(interpret):
+def interp_one_output_and_one_input_grad(interpret):
     """Only the entropy is used (g_lp is None), the weight is frozen; then only lp (g_ent is None)."""
     hidden, head, targets, g_lp, g_ent = inputs(torch.float32, seed=1)
     w = head.weight.detach()
@@ -120,7 +118,7 @@ def test_cpu_without_interpreter_falls_back(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*res))
 
 
-def test_fuse_blocker_names_the_reason(interpret):
+def interp_fuse_blocker_names_the_reason(interpret):
     hidden = torch.randn(3, H)
     assert fl.fuse_blocker(torch.nn.Linear(H, V, bias=False), hidden) == ""
     assert "bias" in fl.fuse_blocker(torch.nn.Linear(H, V), hidden)
@@ -133,7 +131,7 @@ def test_fuse_blocker_names_the_reason(interpret):
         fl.fused_head_logprobs(hidden, torch.randn(V, H), torch.zeros(4, dtype=torch.long))
 
 
-def test_packed_model_fused_equals_unfused(interpret, monkeypatch):
+def interp_packed_model_fused_equals_unfused(interpret, monkeypatch):
     """A real (tied-embedding) transformers model through rl.packing: same logprobs, entropy, grads."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
