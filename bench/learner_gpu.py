@@ -412,7 +412,9 @@ def render_md(d: dict) -> str:
     v = d.get("versions", {})
     lines = [f"# Learner at GPU speed: {d.get('shape')} shape, DeepSpeed bf16 GRPO learner ({v.get('gpu', 'cpu')})", "",
              f"Command: `{d.get('command')}`", "",
-             f"Software: " + ", ".join(f"{k} {val}" for k, val in v.items() if val), "",
+             "On the H200 through `bench/h200.sh run` (wheels, environment and install commands: "
+             "[docs/gpu.md](../../docs/gpu.md#reproduce-the-commands-that-produced-the-results)).", "",
+             "Software: " + ", ".join(f"{k} {val}" for k, val in v.items() if val), "",
              f"Batch per optimizer step: {d.get('samples')} samples x {d.get('length')} tokens"
              f"{' (length mix)' if d.get('length_mix') else ''}, {d.get('micro')} per packed micro-batch; "
              f"N = {d.get('n_params'):,} parameters; MFU = 6 N tokens/s / {PEAK_TFLOPS:.0f} TFLOP/s "
