@@ -74,7 +74,7 @@ class LearnerConfig:
     packing: bool = True
     gradient_checkpointing: bool = False
     # GPU speed (no effect on CPU): fla's fused norm/SwiGLU/conv kernels (auto | torch), the LM head's
-    # logprobs in Triton kernels without fp32 logits, torch's fused AdamW (bench/results/learner_gpu.md)
+    # logprobs in Triton kernels without fp32 logits, torch's fused AdamW (docs/gpu.md)
     kernels: str = "auto"
     fused_logprobs: bool = True
     fused_optimizer: bool = True
