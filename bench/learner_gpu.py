@@ -51,6 +51,8 @@ VARIANTS = {
                               micro_batch_size=16),
     "auto+micro16+ckpt": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=16,
                               gradient_checkpointing=True),
+    "auto+micro16+qrlconv": dict(kernels="gdn,rms_norm,rms_norm_gated,swiglu,qrl_conv", fused_logprobs=True,
+                                 fused_optimizer=True, micro_batch_size=16),
 }
 DESCRIBE = {
     "torch": "PyTorch everywhere (transformers' ops, PyTorch chunked delta rule, chunked fp32 logprobs, AdamW)",
@@ -65,6 +67,7 @@ DESCRIBE = {
     "auto+micro32": "auto with 32 samples per micro-batch",
     "auto+micro16-conv": "auto+micro16 with the PyTorch conv (F.conv1d + per-sample fix-ups) instead of fla's",
     "auto+micro16+ckpt": "auto+micro16 + activation checkpointing",
+    "auto+micro16+qrlconv": "auto+micro16 with the platform's Triton varlen conv (policies/varlen_conv.py) instead of fla's",
 }
 
 

@@ -138,7 +138,12 @@ def varlen_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) 
     z = self.in_proj_z(hidden_states).reshape(1, N, -1, self.head_v_dim)
     b = self.in_proj_b(hidden_states)
     a = self.in_proj_a(hidden_states)
-    if getattr(self, "_qrl_fast_conv", False) and hidden_states.is_cuda:  # policies/fast_kernels.py
+    if getattr(self, "_qrl_triton_conv", False) and hidden_states.is_cuda:  # learner.kernels with qrl_conv
+        from policies.varlen_conv import varlen_conv
+
+        mixed_qkv = varlen_conv(self.in_proj_qkv(hidden_states), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                self.activation, cu_seqlens)  # [1, N, C]
+    elif getattr(self, "_qrl_fast_conv", False) and hidden_states.is_cuda:  # policies/fast_kernels.py
         from fla.modules.causal_conv1d import causal_conv1d
 
         mixed_qkv, _ = causal_conv1d(self.in_proj_qkv(hidden_states), self.conv1d.weight.squeeze(1), self.conv1d.bias,

@@ -25,6 +25,9 @@ def test_parse_kernels():
     for bad in ("gdn,flash", "", ","):
         with pytest.raises(ValueError, match="use auto, torch or a comma-separated subset of gdn"):
             fk.parse_kernels(bad)
+    assert fk.parse_kernels("gdn,qrl_conv") == {"gdn", "qrl_conv"}  # opt-in, not in auto
+    with pytest.raises(ValueError, match="same conv; name one"):
+        fk.parse_kernels("causal_conv,qrl_conv")
 
 
 def test_install_on_cpu_marks_the_pytorch_rule_and_patches_nothing(tiny_model):
