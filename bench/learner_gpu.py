@@ -263,6 +263,11 @@ def run_checks(dev: torch.device, res: Results, shape: dict) -> bool:
 
     res.update("checks", "causal_conv_varlen", compare("causal_conv_varlen", conv_fast, conv_torch, conv_torch,
                                                        conv_in, rnd(1, N, C)))
+    from policies.varlen_conv import varlen_conv
+
+    res.update("checks", "causal_conv_varlen_qrl", compare(
+        "causal_conv_varlen (policies/varlen_conv.py)", lambda x, w: varlen_conv(x, w, None, "silu", cu), conv_torch,
+        conv_torch, conv_in, rnd(1, N, C)))
     V, n_tok = shape["vocab_size"], 2048
     targets = torch.randint(0, V, (n_tok,), generator=g).to(dev)
     lp_in = {"h": rnd(n_tok, Hd), "w": rnd(V, Hd, scale=0.02)}
