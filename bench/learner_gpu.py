@@ -53,6 +53,8 @@ VARIANTS = {
                               gradient_checkpointing=True),
     "auto+micro16+qrlconv": dict(kernels="gdn,rms_norm,rms_norm_gated,swiglu,qrl_conv", fused_logprobs=True,
                                  fused_optimizer=True, micro_batch_size=16),
+    "auto+micro16+keep": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=16,
+                              keep_head_logits=True),
 }
 DESCRIBE = {
     "torch": "PyTorch everywhere (transformers' ops, PyTorch chunked delta rule, chunked fp32 logprobs, AdamW)",
@@ -68,6 +70,7 @@ DESCRIBE = {
     "auto+micro16-conv": "auto+micro16 with the PyTorch conv (F.conv1d + per-sample fix-ups) instead of fla's",
     "auto+micro16+ckpt": "auto+micro16 + activation checkpointing",
     "auto+micro16+qrlconv": "auto+micro16 with the platform's Triton varlen conv (policies/varlen_conv.py) instead of fla's",
+    "auto+micro16+keep": "auto+micro16, the LM head's logits kept for backward (learner.keep_head_logits)",
 }
 
 

@@ -206,6 +206,7 @@ class Controller:
                              grad_clip=l.grad_clip, micro_batch_size=l.micro_batch_size, mini_batches=l.mini_batches,
                              logprob_chunk_tokens=l.logprob_chunk_tokens, packing=l.packing, gradient_checkpointing=l.gradient_checkpointing,
                              kernels=l.kernels, fused_logprobs=l.fused_logprobs, fused_optimizer=l.fused_optimizer,
+                             keep_head_logits=l.keep_head_logits,
                              num_threads=l.num_threads, cpus=l.cpus, seed=cfg.seed, ds_extra=l.ds_extra,
                              lora=l.lora)
         algo = AlgoSettings(policy_loss=a.policy_loss, clip_low=a.clip_low, clip_high=a.clip_high,

@@ -27,6 +27,7 @@ class LearnerSettings:
     kernels: str = "auto"  # auto: fused fla kernels for norms/SwiGLU/conv on CUDA when installed; torch: PyTorch ops
     fused_logprobs: bool = True  # CUDA: LM head -> logprobs in Triton kernels (no fp32 logits; rl/fused_logprobs.py)
     fused_optimizer: bool = True  # CUDA: torch's fused AdamW (one kernel for all parameters)
+    keep_head_logits: bool = False  # fused logprobs: keep a micro-batch's bf16 logits for backward (no head recompute)
     num_threads: int = 1
     cpus: str | None = None  # CPU cores for this rank on CPU machines (e.g. "1"); None: no pinning
     seed: int = 0

@@ -92,17 +92,17 @@ class FusedHeadLogprobs(torch.autograd.Function):
     """(hidden [n, H], weight [V, H], targets [n], chunk_tokens, with_entropy) -> (lp [n], ent [n] or [0])."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens: int, with_entropy: bool):
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, with_entropy: bool, keep_logits: bool = False):
         fwd, _ = _kernels()
         n, V = hidden.shape[0], weight.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         lse, lp, ent = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if with_entropy else 0, **f32)
-        buf = hidden.new_empty(min(chunk_tokens, n), V)
+        buf = hidden.new_empty(n if keep_logits else min(chunk_tokens, n), V)  # keep: all [n, V] for backward
         for s, e in _chunks(n, chunk_tokens):
-            x = torch.mm(hidden[s:e], weight.t(), out=buf[: e - s])
+            x = torch.mm(hidden[s:e], weight.t(), out=buf[s:e] if keep_logits else buf[: e - s])
             fwd[(e - s,)](x, targets[s:], lse[s:], lp[s:], ent[s:] if with_entropy else lp, V, x.stride(0),
                           BLOCK_V=BLOCK_V, WITH_ENTROPY=with_entropy, num_warps=NUM_WARPS)
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent, buf if keep_logits else None)
         ctx.chunk_tokens, ctx.with_entropy = chunk_tokens, with_entropy
         ctx.set_materialize_grads(False)
         if not with_entropy:
@@ -113,7 +113,7 @@ class FusedHeadLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_lp, g_ent):
         _, bwd = _kernels()
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        hidden, weight, targets, lse, ent, kept = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         n, V, chunk = hidden.shape[0], weight.shape[0], ctx.chunk_tokens
         with_ent = ctx.with_entropy and g_ent is not None
@@ -121,10 +121,10 @@ class FusedHeadLogprobs(torch.autograd.Function):
         g_ent = g_ent.float().contiguous() if with_ent else g_lp
         g_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and n > chunk else None
-        buf = hidden.new_empty(min(chunk, n), V)
+        buf = hidden.new_empty(min(chunk, n), V) if kept is None else None
         for s, e in _chunks(n, chunk):
             hc = hidden[s:e]
-            G = torch.mm(hc, weight.t(), out=buf[: e - s])
+            G = kept[s:e] if kept is not None else torch.mm(hc, weight.t(), out=buf[: e - s])  # logits, then d/dlogits
             bwd[(e - s, triton.cdiv(V, BLOCK_V))](G, targets[s:], lse[s:], ent[s:] if with_ent else lse, g_lp[s:],
                                                   g_ent[s:], V, G.stride(0), BLOCK_V=BLOCK_V,
                                                   WITH_ENTROPY=with_ent, num_warps=NUM_WARPS)
@@ -136,13 +136,15 @@ class FusedHeadLogprobs(torch.autograd.Function):
                 g_w.addmm_(G.t(), hc)
             elif need_w:
                 g_w += G.t() @ hc
-        return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None
+        return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
 def fused_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        chunk_tokens: int = 4096, with_entropy: bool = False):
+                        chunk_tokens: int = 4096, with_entropy: bool = False, keep_logits: bool = False):
     """logprob of `targets` [n] under hidden [n, H] @ weight[V, H].T (and the entropy [n]), fp32,
-    differentiable in hidden and weight; like `rl.logprobs.head_logprobs` for a bias-free Linear head."""
+    differentiable in hidden and weight; like `rl.logprobs.head_logprobs` for a bias-free Linear head.
+    `keep_logits` (training only): keep all [n, V] logits for backward (n x V x 2 bytes in bf16)
+    instead of recomputing the head matmul there."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_head_logprobs: need hidden [n, H] and weight [V, H], got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")
@@ -150,8 +152,9 @@ def fused_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         raise ValueError(f"fused_head_logprobs: targets {tuple(targets.shape)} must be [n] = [{hidden.shape[0]}]")
     if chunk_tokens < 1:
         raise ValueError(f"fused_head_logprobs: chunk_tokens must be >= 1, got {chunk_tokens}")
+    keep = keep_logits and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     lp, ent = FusedHeadLogprobs.apply(hidden, weight.contiguous(), targets.long().contiguous(), chunk_tokens,
-                                      with_entropy)
+                                      with_entropy, keep)
     return (lp, ent) if with_entropy else lp
 
 

@@ -99,9 +99,10 @@ class Learner(DeepSpeedWorker):
         """Token logprobs [b, T-1] (and entropy) of a micro-batch, packed or padded."""
         if self.packing:
             return packed_token_logprobs(model, mb["input_ids"], mb["lengths_cpu"], self.s.logprob_chunk_tokens,
-                                         with_entropy, fused=self.s.fused_logprobs)
+                                         with_entropy, fused=self.s.fused_logprobs, keep_logits=self.s.keep_head_logits)
         return token_logprobs(model, mb["input_ids"], self.s.logprob_chunk_tokens, with_entropy,
-                              fused=self.s.fused_logprobs, **vision_inputs(model, mb))  # VL policy: images merged in ({} for text)
+                              fused=self.s.fused_logprobs, keep_logits=self.s.keep_head_logits,
+                              **vision_inputs(model, mb))  # VL policy: images merged in ({} for text)
 
     @torch.no_grad()
     def _score(self, model, batch: dict, with_entropy: bool):

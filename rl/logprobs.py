@@ -23,15 +23,16 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs) -> 
 
 
 def head_logprobs(head: torch.nn.Module, flat: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                  with_entropy: bool = False, fused: bool = False):
+                  with_entropy: bool = False, fused: bool = False, keep_logits: bool = False):
     """logprob of `targets` [n] under head(flat [n, H]), `chunk_tokens` rows of logits at a time
     (and the entropy [n], differentiable when autograd is on). `fused`: use the Triton op of
-    rl.fused_logprobs where it applies (CUDA, plain bias-free Linear head), else this path."""
+    rl.fused_logprobs where it applies (CUDA, plain bias-free Linear head), else this path;
+    `keep_logits`: the fused op keeps the logits for backward instead of recomputing them."""
     if fused:
         from rl.fused_logprobs import can_fuse, fused_head_logprobs
 
         if can_fuse(head, flat):
-            return fused_head_logprobs(flat, head.weight, targets, chunk_tokens, with_entropy)
+            return fused_head_logprobs(flat, head.weight, targets, chunk_tokens, with_entropy, keep_logits)
     n = flat.shape[0]
     pieces, ents = [], []
     for start in range(0, n, chunk_tokens):
@@ -52,7 +53,7 @@ def head_logprobs(head: torch.nn.Module, flat: torch.Tensor, targets: torch.Tens
 
 def token_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 4096, with_entropy: bool = False,
-    fused: bool = False, **model_kwargs,
+    fused: bool = False, keep_logits: bool = False, **model_kwargs,
 ):
     """logprob of input_ids[:, t+1] given input_ids[:, :t+1]; returns [B, T-1] (and entropy [B, T-1],
     differentiable when autograd is on: the entropy bonus trains through it). `model_kwargs` go to
@@ -61,7 +62,7 @@ def token_logprobs(
     h = hidden_states(model, input_ids, **model_kwargs)[:, :-1]
     B, T, H = h.shape
     res = head_logprobs(head, h.reshape(-1, H), input_ids[:, 1:].reshape(-1), chunk_tokens, with_entropy,
-                        fused=fused)
+                        fused=fused, keep_logits=keep_logits)
     if with_entropy:
         return res[0].view(B, T), res[1].view(B, T)
     return res.view(B, T)

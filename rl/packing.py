@@ -53,7 +53,8 @@ def pack(input_ids: torch.Tensor, lengths: torch.Tensor):
 
 
 def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
-                          chunk_tokens: int = 4096, with_entropy: bool = False, fused: bool = False):
+                          chunk_tokens: int = 4096, with_entropy: bool = False, fused: bool = False,
+                          keep_logits: bool = False):
     """Same result as `rl.logprobs.token_logprobs(model, input_ids)` on the valid positions
     ([B, T-1], zeros past each sample's end), computed on one packed row. `lengths` on the host
     keeps the whole call free of GPU syncs."""
@@ -71,7 +72,7 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, lengt
     src_cpu = torch.nonzero(~is_last).squeeze(1)
     src = src_cpu.to(dev, non_blocking=True)
     res = head_logprobs(model.get_output_embeddings(), h[src], ids[0, src + 1], chunk_tokens, with_entropy,
-                        fused=fused)
+                        fused=fused, keep_logits=keep_logits)
     row = torch.repeat_interleave(torch.arange(B), (lengths - 1).clamp(min=0)).to(dev, non_blocking=True)
     col = positions._qrl_cpu[0, src_cpu].to(dev, non_blocking=True)
 
