@@ -30,7 +30,8 @@ class ReferencePolicy:
             L = int(lengths[start : start + self.micro].max())
             mb = {k: batch[k][start : start + self.micro].to(self.device) for k in MM_KEYS if k in batch}
             mb["input_ids"] = ids[start : start + self.micro, :L].to(self.device)
-            lp = token_logprobs(self.model, mb["input_ids"], self.chunk, **vision_inputs(self.model, mb))
+            lp = token_logprobs(self.model, mb["input_ids"], self.chunk, fused=True,  # GPU: no fp32 logits
+                                **vision_inputs(self.model, mb))
             out[start : start + self.micro, : L - 1] = lp.float().cpu()
         return out
 
