@@ -175,18 +175,12 @@ def compare(name: str, fast, torch_bf16, ref, inputs: dict, upstream) -> dict:
     return row
 
 
-def torch_rule(fn):
-    """transformers swaps fla's kernels in for its PyTorch delta rules when fla is installed; the
-    PyTorch function stays reachable as `__wrapped__`."""
-    return getattr(fn, "__wrapped__", fn)
-
-
 def run_checks(dev: torch.device, res: Results, shape: dict) -> bool:
     import torch.nn.functional as F
     from transformers.models.qwen3_5 import modeling_qwen3_5 as qm
 
     from policies import fast_kernels as fk
-    from policies.gdn_varlen import varlen_causal_conv
+    from policies.gdn_varlen import pytorch_rule, varlen_causal_conv
     from rl.fused_logprobs import fused_head_logprobs
     from rl.logprobs import head_logprobs
 
@@ -225,8 +219,8 @@ def run_checks(dev: torch.device, res: Results, shape: dict) -> bool:
 
     fla_fn.keep_fp32 = ("g",)
     res.update("checks", "gated_deltanet_rule", compare(
-        "gated_deltanet_rule (fla chunk, varlen)", fla_fn, per_sample(torch_rule(qm.torch_chunk_gated_delta_rule)),
-        per_sample(torch_rule(qm.torch_recurrent_gated_delta_rule)), inputs, upstream))
+        "gated_deltanet_rule (fla chunk, varlen)", fla_fn, per_sample(pytorch_rule(qm.torch_chunk_gated_delta_rule)),
+        per_sample(pytorch_rule(qm.torch_recurrent_gated_delta_rule)), inputs, upstream))
     ok &= res.data["checks"]["gated_deltanet_rule"]["pass"]
 
     # 2. fused kernels the learner switches to (policies/fast_kernels.py, rl/fused_logprobs.py)

@@ -95,6 +95,12 @@ def _fla_chunk_rule():
     return chunk_gated_delta_rule
 
 
+def pytorch_rule(fn):
+    """transformers swaps fla's kernels in for its PyTorch delta rules when fla is installed; the
+    PyTorch function stays reachable as `__wrapped__`."""
+    return getattr(fn, "__wrapped__", fn)
+
+
 def fla_cu_seqlens(cu_seqlens: torch.Tensor) -> dict:
     """`cu_seqlens` (int64, as fla wants it) and its host copy for fla's kernels. Both are cached on the
     tensor, so every layer passes the same objects: fla then builds its chunk indices once per row
@@ -113,8 +119,7 @@ def varlen_delta_rule(module, q, k, v, g, beta, cu_seqlens):
     if fla_rule is not None:
         out, _ = fla_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True, **fla_cu_seqlens(cu_seqlens))
         return out
-    rule = sys.modules[type(module).__module__].torch_chunk_gated_delta_rule
-    rule = getattr(rule, "__wrapped__", rule)  # transformers swaps in fla's kernel when installed: the PyTorch rule
+    rule = pytorch_rule(sys.modules[type(module).__module__].torch_chunk_gated_delta_rule)
     N = q.shape[1]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     S, L = len(lengths), int(lengths.max())

@@ -93,10 +93,6 @@ if triton is not None:  # decorated at import: tests set TRITON_INTERPRET=1 befo
     _conv_tile, _fwd, _bwd_ds, _bwd_dx = (triton.jit(f) for f in (_conv_tile, _fwd, _bwd_ds, _bwd_dx))
 
 
-def _kernels():
-    return _fwd, _bwd_ds, _bwd_dx
-
-
 def sample_bounds(cu_seqlens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 [n] start and end of the sample each packed position belongs to (cached on the tensor)."""
     cached = getattr(cu_seqlens, "_qrl_bounds", None)
@@ -113,12 +109,11 @@ def sample_bounds(cu_seqlens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch
 class VarlenConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, start, end, act: bool):
-        fwd, _, _ = _kernels()
         N, C = x.shape
         K = weight.shape[1]
         y = torch.empty_like(x)
         grid = (triton.cdiv(N, BT), triton.cdiv(C, BC))
-        fwd[grid](x, weight, bias if bias is not None else weight, y, start, N, C, K=K, HAS_B=bias is not None,
+        _fwd[grid](x, weight, bias if bias is not None else weight, y, start, N, C, K=K, HAS_B=bias is not None,
                   ACT=act, BT=BT, BC=BC, num_warps=4)
         ctx.save_for_backward(x, weight, bias, start, end)
         ctx.act = act
@@ -126,19 +121,18 @@ class VarlenConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        _, bwd_ds, bwd_dx = _kernels()
         x, weight, bias, start, end = ctx.saved_tensors
         N, C = x.shape
         K = weight.shape[1]
         nt = triton.cdiv(N, BT)
         grid = (nt, triton.cdiv(C, BC))
         ds = torch.empty(N, C, dtype=torch.float32, device=x.device)
-        bwd_ds[grid](x, weight, bias if bias is not None else weight, dy.contiguous(), ds, start, N, C, K=K,
+        _bwd_ds[grid](x, weight, bias if bias is not None else weight, dy.contiguous(), ds, start, N, C, K=K,
                      HAS_B=bias is not None, ACT=ctx.act, BT=BT, BC=BC, num_warps=4)
         dx = torch.empty_like(x)
         dw_part = torch.empty(nt, K, C, dtype=torch.float32, device=x.device)
         db_part = torch.empty(nt, C, dtype=torch.float32, device=x.device)
-        bwd_dx[grid](x, weight, ds, dx, dw_part, db_part, start, end, N, C, K=K, BT=BT, BC=BC, num_warps=4)
+        _bwd_dx[grid](x, weight, ds, dx, dw_part, db_part, start, end, N, C, K=K, BT=BT, BC=BC, num_warps=4)
         dw = dw_part.sum(0).t().to(weight.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None, None, None

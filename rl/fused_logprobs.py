@@ -7,7 +7,6 @@ Runs on CUDA, or on CPU under Triton's interpreter (tests: TRITON_INTERPRET=1 se
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -73,14 +72,8 @@ def _interpret() -> bool:
     return bool(knobs.runtime.interpret) if knobs else os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
-def _jitted(interpret: bool):
-    # triton.jit picks compiled vs interpreted when it decorates: decorate at first use, per mode
-    return triton.jit(_fwd_kernel), triton.jit(_bwd_kernel)
-
-
-def _kernels():
-    return _jitted(_interpret())
+if triton is not None:  # decorated at import: tests set TRITON_INTERPRET=1 before the process starts
+    _fwd_kernel, _bwd_kernel = triton.jit(_fwd_kernel), triton.jit(_bwd_kernel)
 
 
 def _chunks(n: int, chunk_tokens: int):
@@ -93,14 +86,13 @@ class FusedHeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens: int, with_entropy: bool, keep_logits: bool = False):
-        fwd, _ = _kernels()
         n, V = hidden.shape[0], weight.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         lse, lp, ent = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if with_entropy else 0, **f32)
         buf = hidden.new_empty(n if keep_logits else min(chunk_tokens, n), V)  # keep: all [n, V] for backward
         for s, e in _chunks(n, chunk_tokens):
             x = torch.mm(hidden[s:e], weight.t(), out=buf[s:e] if keep_logits else buf[: e - s])
-            fwd[(e - s,)](x, targets[s:], lse[s:], lp[s:], ent[s:] if with_entropy else lp, V, x.stride(0),
+            _fwd_kernel[(e - s,)](x, targets[s:], lse[s:], lp[s:], ent[s:] if with_entropy else lp, V, x.stride(0),
                           BLOCK_V=BLOCK_V, WITH_ENTROPY=with_entropy, num_warps=NUM_WARPS)
         ctx.save_for_backward(hidden, weight, targets, lse, ent, buf if keep_logits else None)
         ctx.chunk_tokens, ctx.with_entropy = chunk_tokens, with_entropy
@@ -112,7 +104,6 @@ class FusedHeadLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_lp, g_ent):
-        _, bwd = _kernels()
         hidden, weight, targets, lse, ent, kept = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         n, V, chunk = hidden.shape[0], weight.shape[0], ctx.chunk_tokens
@@ -125,7 +116,7 @@ class FusedHeadLogprobs(torch.autograd.Function):
         for s, e in _chunks(n, chunk):
             hc = hidden[s:e]
             G = kept[s:e] if kept is not None else torch.mm(hc, weight.t(), out=buf[: e - s])  # logits, then d/dlogits
-            bwd[(e - s, triton.cdiv(V, BLOCK_V))](G, targets[s:], lse[s:], ent[s:] if with_ent else lse, g_lp[s:],
+            _bwd_kernel[(e - s, triton.cdiv(V, BLOCK_V))](G, targets[s:], lse[s:], ent[s:] if with_ent else lse, g_lp[s:],
                                                   g_ent[s:], V, G.stride(0), BLOCK_V=BLOCK_V,
                                                   WITH_ENTROPY=with_ent, num_warps=NUM_WARPS)
             if need_h:

@@ -88,8 +88,9 @@ class Learner(DeepSpeedWorker):
             return {}
         counts = install_fast_kernels(model, kinds)
         if self.rank == 0:
-            if "gdn" in kinds and gdn_problem():
-                print(f"learner.kernels: Gated DeltaNet on the PyTorch delta rule (slow): {gdn_problem()}", flush=True)
+            gdn_why = gdn_problem() if "gdn" in kinds else None
+            if gdn_why:
+                print(f"learner.kernels: Gated DeltaNet on the PyTorch delta rule (slow): {gdn_why}", flush=True)
             why = fla_problem()
             print(f"learner.kernels: {describe(counts)}" if counts else
                   f"learner.kernels: PyTorch ops ({why or 'learner.kernels=' + self.s.kernels})", flush=True)
