@@ -13,7 +13,7 @@ Phases (one process, results written after each step of the way so a cut-off run
 
     python bench/learner_gpu.py                       # everything, 0.8b shape (GPU)
     python bench/learner_gpu.py --variants torch,auto --skip-checks
-    python bench/learner_gpu.py --shape small --variants torch --samples 4 --length 256   # CPU smoke run
+    python bench/learner_gpu.py --shape small --variants torch --samples 4 --length 256 --prompt 64   # CPU smoke run
         # -> bench/results/learner_gpu{suffix}.{json,md} (and $OUT when set)
 """
 from __future__ import annotations
@@ -51,10 +51,9 @@ VARIANTS = {
                               micro_batch_size=16),
     "auto+micro16+ckpt": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=16,
                               gradient_checkpointing=True),
-    "auto+micro16+qrlconv": dict(kernels="gdn,rms_norm,rms_norm_gated,swiglu,qrl_conv", fused_logprobs=True,
-                                 fused_optimizer=True, micro_batch_size=16),
     "auto+micro16+keep": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=16,
                               keep_head_logits=True),
+    "auto+keep": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, keep_head_logits=True),
 }
 DESCRIBE = {
     "torch": "PyTorch everywhere (transformers' ops, PyTorch chunked delta rule, chunked fp32 logprobs, AdamW)",
@@ -69,8 +68,8 @@ DESCRIBE = {
     "auto+micro32": "auto with 32 samples per micro-batch",
     "auto+micro16-conv": "auto+micro16 with the PyTorch conv (F.conv1d + per-sample fix-ups) instead of fla's",
     "auto+micro16+ckpt": "auto+micro16 + activation checkpointing",
-    "auto+micro16+qrlconv": "auto+micro16 with the platform's Triton varlen conv (policies/varlen_conv.py) instead of fla's",
     "auto+micro16+keep": "auto+micro16, the LM head's logits kept for backward (learner.keep_head_logits)",
+    "auto+keep": "auto, the LM head's logits kept for backward",
 }
 
 
@@ -260,11 +259,6 @@ def run_checks(dev: torch.device, res: Results, shape: dict) -> bool:
 
     res.update("checks", "causal_conv_varlen", compare("causal_conv_varlen", conv_fast, conv_torch, conv_torch,
                                                        conv_in, rnd(1, N, C)))
-    from policies.varlen_conv import varlen_conv
-
-    res.update("checks", "causal_conv_varlen_qrl", compare(
-        "causal_conv_varlen (policies/varlen_conv.py)", lambda x, w: varlen_conv(x, w, None, "silu", cu), conv_torch,
-        conv_torch, conv_in, rnd(1, N, C)))
     V, n_tok = shape["vocab_size"], 2048
     targets = torch.randint(0, V, (n_tok,), generator=g).to(dev)
     lp_in = {"h": rnd(n_tok, Hd), "w": rnd(V, Hd, scale=0.02)}
@@ -283,8 +277,13 @@ def run_checks(dev: torch.device, res: Results, shape: dict) -> bool:
     def lp_fast(h, w):
         return fused_head_logprobs(h, w, targets, 1024, with_entropy=True)
 
+    def lp_kept(h, w):
+        return fused_head_logprobs(h, w, targets, 1024, with_entropy=True, keep_logits=True)
+
     res.update("checks", "head_logprobs_entropy", compare(
         "head_logprobs_entropy (fused)", lp_fast, lp_torch, lp_torch, lp_in, (rnd(n_tok), rnd(n_tok))))
+    res.update("checks", "head_logprobs_entropy_kept", compare(
+        "head_logprobs_entropy (fused, logits kept)", lp_kept, lp_torch, lp_torch, lp_in, (rnd(n_tok), rnd(n_tok))))
     ok &= all(v["pass"] for v in res.data["checks"].values())
     return ok
 
@@ -347,12 +346,13 @@ def run_variant(name: str, folder: Path, n_params: int, a, dev: torch.device) ->
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    times, last = [], {}
+    times, issue, last = [], [], {}
     for _ in range(steps):
         t = time.perf_counter()
         last = learner.train(batch)
         sync()
         times.append(time.perf_counter() - t)
+        issue.append(last.get("timing/learner_issue_s", 0.0))
     tokens = sum(lengths)
     step_s = statistics.median(times)
     tps = tokens / step_s
@@ -360,13 +360,18 @@ def run_variant(name: str, folder: Path, n_params: int, a, dev: torch.device) ->
         "settings": {k: fields[k] for k in sorted(fields)}, "describe": DESCRIBE.get(name, ""),
         "kernels_installed": getattr(learner, "kernels", {}), "init_s": round(init_s, 1),
         "tokens_per_step": tokens, "step_s": [round(x, 4) for x in times], "median_step_s": round(step_s, 4),
+        "host_issue_s": [round(x, 4) for x in issue],  # host time queueing the step's work (~ step_s: host-bound)
         "tokens_per_s": round(tps, 1), "mfu": round(6 * n_params * tps / (PEAK_TFLOPS * 1e12), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
         "score_mean_logprob": round(float((old_lp * mask).sum() / mask.sum()), 5),
         "grad_norm_last": round(float(last.get("train/grad_norm", 0.0)), 4), "loss_last": last.get("train/loss"),
     }
     if a.profile == name and dev.type == "cuda":
-        row["profile"] = profile_step(learner, batch)
+        row["syncs"] = sync_sites(learner, batch)
+        try:
+            row["profile"] = profile_step(learner, batch)
+        except Exception as err:  # noqa: BLE001 - keep the variant's figures
+            row["profile_error"] = f"{type(err).__name__}: {err}"
     getattr(learner.engine, "destroy", lambda: None)()
     del learner, batch
     gc.collect()
@@ -377,17 +382,47 @@ def run_variant(name: str, folder: Path, n_params: int, a, dev: torch.device) ->
     return row
 
 
+def sync_sites(learner, batch) -> dict[str, int]:
+    """The host-device synchronisations of one train() (torch's sync debug mode), by calling code."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename][-4:]
+        key = " < ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(frames))
+        sites[key] = sites.get(key, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            learner.train(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
 def profile_step(learner, batch, top: int = 25) -> dict:
     """CUDA time of one train() by kernel (top `top`) and by category."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         learner.train(batch)
         torch.cuda.synchronize()
+    ops = op_attribution(prof)
+    totals = op_totals(prof)
+    idle = gpu_idle(prof)
     rows = []
-    for e in prof.key_averages():
+    for e in prof.key_averages():  # kernels only (the CPU ops that launched them are in `ops`)
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if t > 0:
+        if t > 0 and getattr(e, "device_type", None) == DeviceType.CUDA:
             rows.append((e.key, t / 1e3, e.count))
     rows.sort(key=lambda r: -r[1])
     cats: dict[str, float] = {}
@@ -402,7 +437,54 @@ def profile_step(learner, batch, top: int = 25) -> dict:
         cats[cat] = cats.get(cat, 0.0) + ms
     return {"total_ms": round(sum(r[1] for r in rows), 2), "by_category_ms": {k: round(v, 2) for k, v in
             sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": k[:120], "ms": round(ms, 3), "calls": c} for k, ms, c in rows[:top]]}
+            "top": [{"kernel": k[:120], "ms": round(ms, 3), "calls": c} for k, ms, c in rows[:top]], "ops": ops,
+            "op_totals_ms": totals, "idle": idle}
+
+
+def op_attribution(prof, top: int = 30) -> list[dict]:
+    """The PyTorch ops (aten::*) that launched the most GPU time, with input shapes and the Python
+    frames that called them: where copies, adds and gathers come from."""
+    out = []
+    for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6):
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and e.key.startswith("aten::"):
+            stack = [f for f in (e.stack or []) if "torch/" not in f or "nn/modules" not in f][:6]
+            out.append({"op": e.key, "ms": round(t / 1e3, 3), "calls": e.count, "shapes": str(e.input_shapes)[:160],
+                        "stack": stack})
+    out.sort(key=lambda r: -r["ms"])
+    return out[:top]
+
+
+def gpu_idle(prof, top: int = 12) -> dict:
+    """Where the GPU waited on the host during the profiled step: total time between kernels, and the
+    longest gaps with the kernels either side."""
+    from torch.autograd import DeviceType
+
+    ks = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if getattr(e, "device_type", None) == DeviceType.CUDA), key=lambda k: k[0])
+    if not ks:
+        return {}
+    gaps, end, prev = [], ks[0][1], ks[0][2]
+    for start, stop, name in ks[1:]:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        if stop >= end:
+            end, prev = stop, name
+    by_next: dict[str, float] = {}
+    for g, _, nxt in gaps:
+        by_next[nxt[:60]] = by_next.get(nxt[:60], 0.0) + g / 1e3
+    gaps.sort(key=lambda g: -g[0])
+    return {"span_ms": round((max(k[1] for k in ks) - ks[0][0]) / 1e3, 2), "idle_ms": round(sum(g[0] for g in gaps) / 1e3, 2),
+            "gaps_over_100us": sum(1 for g in gaps if g[0] > 100), "longest": [
+                {"ms": round(g / 1e3, 3), "after": a[:70], "before": b[:70]} for g, a, b in gaps[:top]],
+            "idle_ms_before_kernel": {k: round(v, 2) for k, v in sorted(by_next.items(), key=lambda kv: -kv[1])[:top]}}
+
+
+def op_totals(prof, top: int = 15) -> dict[str, float]:
+    """GPU ms launched (self) per PyTorch op name."""
+    rows = [(e.key, (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) / 1e3)
+            for e in prof.key_averages() if e.key.startswith("aten::")]
+    return {k: round(ms, 2) for k, ms in sorted(rows, key=lambda r: -r[1])[:top] if ms > 0}
 
 
 def lengths_for(a) -> list[int]:
@@ -436,22 +518,43 @@ def render_md(d: dict) -> str:
     if d["variants"]:
         base = d["variants"].get("torch", {}).get("tokens_per_s")
         lines += ["## Learner.train() throughput", "",
-                  "| variant | what | tokens/s | MFU | vs torch | step s (median) | peak GiB | mean logprob |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| variant | what | tokens/s | MFU | vs torch | step s (median) | host s to queue it | peak GiB | mean logprob |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for k, r in d["variants"].items():
             if "error" in r:
-                lines.append(f"| {k} | {DESCRIBE.get(k, '')} | failed: {r['error'][:150]} | | | | | |")
+                lines.append(f"| {k} | {DESCRIBE.get(k, '')} | failed: {r['error'][:150]} | | | | | | |")
                 continue
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
             lines.append(f"| {k} | {r['describe']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {ratio} | "
-                         f"{r['median_step_s']} | {r['peak_mem_gib']} | {r['score_mean_logprob']} |")
+                         f"{r['median_step_s']} | {statistics.median(r.get('host_issue_s') or [0]):.4f} | "
+                         f"{r['peak_mem_gib']} | {r['score_mean_logprob']} |")
+        lines += ["", "Host s to queue it: time `Learner.train()` spends issuing the step's GPU work before its one "
+                  "end-of-step sync; close to the step time means the host, not the GPU, sets the pace."]
         for k, r in d["variants"].items():
+            if r.get("syncs") is not None:
+                lines += ["", f"Host-device synchronisations in one step of {k} (torch sync debug mode): "
+                          + ("; ".join(f"{n} x `{site}`" for site, n in r["syncs"].items()) or "none")]
             if r.get("profile"):
                 p = r["profile"]
                 lines += ["", f"### Where one step's GPU time goes ({k}, {p['total_ms']} ms of kernels)", "",
                           ", ".join(f"{c} {ms} ms" for c, ms in p["by_category_ms"].items()), "",
                           "| kernel | ms | calls |", "|---|---|---|"]
                 lines += [f"| `{t['kernel']}` | {t['ms']} | {t['calls']} |" for t in p["top"]]
+                if p.get("idle"):
+                    i = p["idle"]
+                    lines += ["", f"GPU idle inside the step: {i['idle_ms']} ms of {i['span_ms']} ms "
+                              f"({i['gaps_over_100us']} gaps over 0.1 ms); longest: " + "; ".join(
+                                  f"{g['ms']} ms after `{g['after'][:40]}`" for g in i["longest"][:6])]
+                    if i.get("idle_ms_before_kernel"):
+                        lines += ["", "Idle time by the kernel that ended it: " + ", ".join(
+                            f"`{k2}` {v} ms" for k2, v in i["idle_ms_before_kernel"].items())]
+                if p.get("op_totals_ms"):
+                    lines += ["", "GPU time by PyTorch op (self): " + ", ".join(f"{k} {v} ms" for k, v in p["op_totals_ms"].items())]
+                if p.get("ops"):
+                    lines += ["", "PyTorch ops by GPU time they launched (self), with input shapes and callers:", "",
+                              "| op | ms | calls | shapes | called from |", "|---|---|---|---|---|"]
+                    lines += [f"| `{o['op']}` | {o['ms']} | {o['calls']} | {o['shapes']} | "
+                              f"{' < '.join(o['stack'][:4])} |" for o in p["ops"]]
     return "\n".join(lines) + "\n"
 
 
@@ -473,6 +576,8 @@ def main():
     ap.add_argument("--model-dir", default="/tmp/qrl_bench_model")
     ap.add_argument("--suffix", default="")
     a = ap.parse_args()
+    if a.prompt >= a.length:
+        raise SystemExit(f"--prompt {a.prompt} must be shorter than --length {a.length}: the samples need response tokens")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from bench.packing import SHAPES
 
@@ -487,6 +592,10 @@ def main():
     if not a.skip_checks and dev.type == "cuda":
         if not run_checks(dev, res, SHAPES[a.shape]):
             print("a fast kernel failed its correctness check: timing it anyway, see the results file", flush=True)
+        from rl import fused_logprobs
+
+        res.data["fp32_addmm_epilogue"] = fused_logprobs._FP32_EPILOGUE == [True]  # head grad accumulated by cuBLAS
+        res.flush()
     for name in [v for v in a.variants.split(",") if v]:
         if name not in VARIANTS:
             raise SystemExit(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")

@@ -108,24 +108,20 @@ def _kind(module: torch.nn.Module) -> str | None:
 
 
 KINDS = ("gdn", "rms_norm", "rms_norm_gated", "swiglu", "causal_conv")  # `auto`
-OPT_IN = ("qrl_conv",)  # policies/varlen_conv.py: replaces causal_conv; not yet measured on a GPU
 
 
 def parse_kernels(value: str) -> set[str]:
     """`learner.kernels`: auto (all of KINDS), torch (none: PyTorch ops and the PyTorch delta rule),
-    or a comma-separated subset of KINDS + OPT_IN (ablations; `gdn` is fla's delta-rule kernel)."""
+    or a comma-separated subset of KINDS (ablations; `gdn` is fla's delta-rule kernel)."""
     if value == "auto":
         return set(KINDS)
     if value == "torch":
         return set()
     kinds = {k.strip() for k in value.split(",") if k.strip()}
-    bad = sorted(kinds - set(KINDS) - set(OPT_IN))
+    bad = sorted(kinds - set(KINDS))
     if bad or not kinds:
         raise ValueError(f"learner.kernels={value!r}: unknown {bad or 'empty list'}; use auto, torch or a comma-separated "
-                         f"subset of {', '.join(KINDS + OPT_IN)}")
-    if {"causal_conv", "qrl_conv"} <= kinds:
-        raise ValueError(f"learner.kernels={value!r}: causal_conv (fla) and qrl_conv are two kernels for the same conv; "
-                         "name one")
+                         f"subset of {', '.join(KINDS)}")
     return kinds
 
 
@@ -146,12 +142,10 @@ def install_fast_kernels(model: torch.nn.Module, kinds=KINDS) -> dict[str, int]:
         if "gdn" in kinds else {}
     for module in model.modules():
         kind = _kind(module)
-        if kind == "causal_conv" and "qrl_conv" in kinds:
-            kind = "qrl_conv"
         if kind is None or kind not in kinds:
             continue
-        if kind in ("causal_conv", "qrl_conv"):  # read by policies/gdn_varlen.varlen_forward
-            setattr(module, FAST_CONV if kind == "causal_conv" else "_qrl_triton_conv", True)
+        if kind == "causal_conv":  # read by policies/gdn_varlen.varlen_forward
+            setattr(module, FAST_CONV, True)
             setattr(module, _MARK, True)
         else:
             _patch(module, fast[kind])

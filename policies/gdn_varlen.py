@@ -135,6 +135,26 @@ def varlen_delta_rule(module, q, k, v, g, beta, cu_seqlens):
     return out[seg, pos].unsqueeze(0)
 
 
+def fast_projected_conv(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor):
+    """q, k, v [1, N, dim] of a packed row, each contiguous: `in_proj_qkv` and fla's varlen conv run per part
+    (row blocks of the same weights), so the delta-rule kernel gets contiguous inputs and no [N, C] copy or
+    concatenation is made in either direction (splitting one [N, C] conv output costs three copies forward
+    and a concatenation backward)."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    sizes = [self.key_dim, self.key_dim, self.value_dim]
+    proj, conv = self.in_proj_qkv, self.conv1d
+    if hasattr(proj.weight, "ds_id"):  # ZeRO-3: only the module's own call gathers its weight; one conv, then split
+        mixed, _ = causal_conv1d(proj(hidden_states), conv.weight.squeeze(1), conv.bias, activation=self.activation,
+                                 **fla_cu_seqlens(cu_seqlens))
+        return torch.split(mixed, sizes, dim=-1)
+    biases = proj.bias.split(sizes) if proj.bias is not None else (None,) * 3
+    conv_biases = conv.bias.split(sizes) if conv.bias is not None else (None,) * 3
+    parts = zip(proj.weight.split(sizes), biases, conv.weight.squeeze(1).split(sizes), conv_biases)
+    return [causal_conv1d(F.linear(hidden_states, w, b), cw, cb, activation=self.activation,
+                          **fla_cu_seqlens(cu_seqlens))[0] for w, b, cw, cb in parts]
+
+
 def varlen_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """The Gated DeltaNet forward of transformers' Qwen3.5 (no cache) on one packed row [1, N, H]."""
     if hidden_states.shape[0] != 1:
@@ -143,21 +163,13 @@ def varlen_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) 
     z = self.in_proj_z(hidden_states).reshape(1, N, -1, self.head_v_dim)
     b = self.in_proj_b(hidden_states)
     a = self.in_proj_a(hidden_states)
-    if getattr(self, "_qrl_triton_conv", False) and hidden_states.is_cuda:  # learner.kernels with qrl_conv
-        from policies.varlen_conv import varlen_conv
-
-        mixed_qkv = varlen_conv(self.in_proj_qkv(hidden_states), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                self.activation, cu_seqlens)  # [1, N, C]
-    elif getattr(self, "_qrl_fast_conv", False) and hidden_states.is_cuda:  # policies/fast_kernels.py
-        from fla.modules.causal_conv1d import causal_conv1d
-
-        mixed_qkv, _ = causal_conv1d(self.in_proj_qkv(hidden_states), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                     activation=self.activation, **fla_cu_seqlens(cu_seqlens))  # [1, N, C]
+    if getattr(self, "_qrl_fast_conv", False) and hidden_states.is_cuda:  # policies/fast_kernels.py
+        query, key, value = fast_projected_conv(self, hidden_states, cu_seqlens)
     else:
         mixed_qkv = self.in_proj_qkv(hidden_states)[0].transpose(0, 1)  # [C, N]
         mixed_qkv = varlen_causal_conv(mixed_qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation,
                                        cu_seqlens).transpose(0, 1).unsqueeze(0)  # [1, N, C]
-    query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
     query = query.reshape(1, N, -1, self.head_k_dim)
     key = key.reshape(1, N, -1, self.head_k_dim)
     value = value.reshape(1, N, -1, self.head_v_dim)

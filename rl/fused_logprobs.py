@@ -90,7 +90,7 @@ class FusedHeadLogprobs(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=hidden.device)
         lse, lp, ent = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if with_entropy else 0, **f32)
         buf = hidden.new_empty(n if keep_logits else min(chunk_tokens, n), V)  # keep: all [n, V] for backward
-        for s, e in _chunks(n, chunk_tokens):
+        for s, e in _chunks(n, n if keep_logits else chunk_tokens):  # kept: one matmul into the [n, V] buffer
             x = torch.mm(hidden[s:e], weight.t(), out=buf[s:e] if keep_logits else buf[: e - s])
             _fwd_kernel[(e - s,)](x, targets[s:], lse[s:], lp[s:], ent[s:] if with_entropy else lp, V, x.stride(0),
                           BLOCK_V=BLOCK_V, WITH_ENTROPY=with_entropy, num_warps=NUM_WARPS)
@@ -106,28 +106,53 @@ class FusedHeadLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         hidden, weight, targets, lse, ent, kept = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
-        n, V, chunk = hidden.shape[0], weight.shape[0], ctx.chunk_tokens
+        n, V = hidden.shape[0], weight.shape[0]
         with_ent = ctx.with_entropy and g_ent is not None
         g_lp = lse.new_zeros(n) if g_lp is None else g_lp.float().contiguous()
         g_ent = g_ent.float().contiguous() if with_ent else g_lp
+
+        def dlogits(G, s, e):  # G [e - s, V] logits -> d(loss)/d(logits), in place
+            _bwd_kernel[(e - s, triton.cdiv(V, BLOCK_V))](G, targets[s:], lse[s:], ent[s:] if with_ent else lse,
+                                                  g_lp[s:], g_ent[s:], V, G.stride(0), BLOCK_V=BLOCK_V,
+                                                  WITH_ENTROPY=with_ent, num_warps=NUM_WARPS)
+            return G
+
+        if kept is not None:  # all logits kept: one kernel, then one matmul per gradient (fp32 accumulation inside)
+            G = dlogits(kept, 0, n)
+            return (G @ weight if need_h else None), (G.t() @ hidden if need_w else None), None, None, None, None
+        chunk = ctx.chunk_tokens
         g_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and n > chunk else None
-        buf = hidden.new_empty(min(chunk, n), V) if kept is None else None
+        buf = hidden.new_empty(min(chunk, n), V)
         for s, e in _chunks(n, chunk):
             hc = hidden[s:e]
-            G = kept[s:e] if kept is not None else torch.mm(hc, weight.t(), out=buf[: e - s])  # logits, then d/dlogits
-            _bwd_kernel[(e - s, triton.cdiv(V, BLOCK_V))](G, targets[s:], lse[s:], ent[s:] if with_ent else lse, g_lp[s:],
-                                                  g_ent[s:], V, G.stride(0), BLOCK_V=BLOCK_V,
-                                                  WITH_ENTROPY=with_ent, num_warps=NUM_WARPS)
+            G = dlogits(torch.mm(hc, weight.t(), out=buf[: e - s]), s, e)  # logits recomputed, then d/dlogits
             if need_h:
                 torch.mm(G, weight, out=g_h[s:e])
             if need_w and g_w is None:  # a single chunk: no fp32 accumulator needed
                 g_w = G.t() @ hc
-            elif need_w and G.dtype == torch.float32:
-                g_w.addmm_(G.t(), hc)
             elif need_w:
-                g_w += G.t() @ hc
+                _add_matmul_fp32(g_w, G.t(), hc)
         return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+_FP32_EPILOGUE: list[bool] = []  # [works?] once tried: torch.addmm(..., out_dtype=float32) on this build
+
+
+def _add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for bf16/fp16 a, b: in cuBLAS's epilogue where torch has `addmm(out_dtype=)`
+    (CUDA, torch >= 2.8), else through a product in a's dtype and a separate add."""
+    if a.dtype != torch.float32 and acc.is_cuda and _FP32_EPILOGUE != [False]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _FP32_EPILOGUE[:] = [True]
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_EPILOGUE[:] = [False]
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:
+        acc += a @ b
 
 
 def fused_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

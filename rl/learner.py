@@ -175,6 +175,7 @@ class Learner(DeepSpeedWorker):
                     if k in st:  # token-weighted means
                         totals[k] = totals.get(k, 0.0) + st[k] * n
                 totals["tokens"] = totals.get("tokens", 0.0) + n
+        issued = time.perf_counter() - t0  # host time to queue the step's GPU work (before its one sync)
         totals = {k: float(v) for k, v in totals.items()}  # one sync per step
         keys = sorted(totals)
         summed = dict(zip(keys, self._allreduce([totals[k] for k in keys])))
@@ -182,7 +183,8 @@ class Learner(DeepSpeedWorker):
         stats = {"train/loss": summed["loss"] / self.s.mini_batches,
                  "train/clip_frac": summed.get("clip_frac", 0.0) / max(summed["tokens"], 1.0),
                  "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                 "train/lr": self.s.lr, "timing/learner_update_s": time.perf_counter() - t0}
+                 "train/lr": self.s.lr, "timing/learner_update_s": time.perf_counter() - t0,
+                 "timing/learner_issue_s": issued}
         if "kl_ref" in summed:
             stats["train/kl_ref"] = summed["kl_ref"] / max(summed["tokens"], 1.0)
         return stats

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from policies.gdn_varlen import install_varlen, is_gated_deltanet
+from policies.packed_attention import NAME as PACKED_ATTENTION
 from policies.packed_attention import use_packed_attention
 from rl.logprobs import head_logprobs, hidden_states
 
@@ -31,6 +32,30 @@ def prepare(model: torch.nn.Module) -> int:
     full attention per sample (`policies/packed_attention.py`) instead of under an [N x N] mask."""
     use_packed_attention(model)
     return install_varlen(model)
+
+
+_TAKES_MASK_DICT: dict[type, bool] = {}
+
+
+def no_masks(model: torch.nn.Module) -> dict | None:
+    """`{layer type: None}` for a packed row, where the attention kernels take the sample boundaries from
+    `cu_seq_lens_*` (packed SDPA, flash-attention): transformers then builds no block-diagonal [N x N]
+    mask from the restarting positions (a GPU sync and three N x N passes per forward). None when this
+    model's attention needs the mask or its decoder does not take per-layer-type masks."""
+    cfg = model.config
+    impl, types = str(getattr(cfg, "_attn_implementation", None)), getattr(cfg, "layer_types", None)
+    if not types or not (impl == PACKED_ATTENTION or impl.startswith("flash")):
+        return None
+    decoder = type(getattr(model, "model", model))
+    if decoder not in _TAKES_MASK_DICT:
+        import inspect
+
+        try:
+            _TAKES_MASK_DICT[decoder] = "isinstance(causal_mask_mapping := attention_mask, dict)" in \
+                inspect.getsource(decoder.forward)
+        except (OSError, TypeError):
+            _TAKES_MASK_DICT[decoder] = False
+    return {t: None for t in set(types)} if _TAKES_MASK_DICT[decoder] else None
 
 
 def pack(input_ids: torch.Tensor, lengths: torch.Tensor):
@@ -62,8 +87,9 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, lengt
     lengths = lengths.to(torch.long).cpu()
     ids, positions, cu = pack(input_ids, lengths)
     L = int(lengths.max())
+    masks = {} if (none := no_masks(model)) is None else {"attention_mask": none}
     h = hidden_states(model, ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                      max_length_q=L, max_length_k=L)[0]  # [N, H]
+                      max_length_q=L, max_length_k=L, **masks)[0]  # [N, H]
     N = ids.shape[1]
     dev = ids.device
     # every position except each sample's last predicts the next packed token (indices built on the host)

@@ -76,3 +76,51 @@ def test_critic_starts_at_zero_and_fits_returns(model_path):
     assert mses[-1] < 0.5 * mses[0], mses
     v = critic.values(batch)
     assert (v * (1 - batch["loss_mask"])).abs().max().item() == 0.0  # no values off policy tokens
+
+
+def test_bf16_stage0_first_update_is_adams(model_path):
+    """bf16 on ZeRO stage 0 (what one GPU rank runs: DeepSpeed's per-parameter fp32-master wrapper) gives
+    the fp32 learner's gradient norm with gradient accumulation and Adam's first update (~lr per weight,
+    not the ~0.74 lr left by the wrapper's start-up step on zero gradients), to bf16 rounding."""
+    updates, norms = {}, {}
+    for dtype, stage in (("float32", 2), ("bfloat16", 0)):
+        s = LearnerSettings(micro_batch_size=2, lr=1e-2, zero_stage=stage, dtype=dtype)
+        learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+        before = {n: p.detach().float().clone() for n, p in learner.engine.module.named_parameters()}
+        norms[dtype] = learner.train(varied_batch())["train/grad_norm"]
+        updates[dtype] = {n: p.detach().float() - before[n] for n, p in learner.engine.module.named_parameters()}
+        getattr(learner.engine, "destroy", lambda: None)()
+    assert norms["bfloat16"] == pytest.approx(norms["float32"], rel=0.05)
+    ref = torch.cat([u.flatten() for u in updates["float32"].values()])
+    got = torch.cat([updates["bfloat16"][n].flatten() for n in updates["float32"]])
+    assert ref.abs().mean() > 5e-3  # Adam's first step: ~lr on most weights
+    assert float(got.abs().mean()) == pytest.approx(float(ref.abs().mean()), rel=0.03)
+    # bf16 forward/backward flips the sign of some near-zero gradients (those entries move by 2 lr); the rest
+    # agree to bf16 rounding of the weights
+    close = ((got - ref).abs() < 1e-3).float().mean()
+    assert close > 0.8 and (got - ref).abs().median() < 5e-4, (close, (got - ref).abs().median())
+
+
+def test_bf16_stage0_skips_a_step_with_nan_gradients(model_path):
+    """The one-sync inf/NaN check that replaces the wrapper's per-parameter one still skips a step whose
+    gradients are not finite (weights unchanged) and lets a finite step through."""
+    s = LearnerSettings(micro_batch_size=4, lr=1e-2, zero_stage=0, dtype="bfloat16")
+    learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+    checker = learner.engine.optimizer.overflow_checker
+    assert checker.has_overflow_serial.__func__.__module__ == "rl.ds_worker"
+    params = [p for p in learner.engine.module.parameters()]
+
+    def weights():
+        return torch.cat([p.detach().float().flatten() for p in params])
+
+    start = weights()
+    bad = varied_batch()
+    bad["advantages"] = bad["advantages"] * float("nan")
+    learner.train(bad)
+    assert torch.equal(weights(), start)  # skipped
+    learner.train(varied_batch())
+    assert not torch.equal(weights(), start)
+    grads = [torch.ones(3), torch.tensor([1.0, float("inf")])]
+    fake = [type("P", (), {"grad": g})() for g in grads]
+    assert checker.has_overflow_serial(fake) and not checker.has_overflow_serial(fake[:1])
+    getattr(learner.engine, "destroy", lambda: None)()

@@ -9,7 +9,7 @@ from policies.gdn_varlen import varlen_causal_conv
 from rl.controller import free_port
 from rl.learner import AlgoSettings, Learner, LearnerSettings
 from rl.logprobs import token_logprobs
-from rl.packing import pack, packed_token_logprobs, prepare
+from rl.packing import no_masks, pack, packed_token_logprobs, prepare
 from tests.test_learner_objective import N, varied_batch
 
 LENGTHS = [5, 130, 17, 70, 2, 64]  # crosses the 64-token chunks of the delta rule, a 2-token sample
@@ -127,6 +127,35 @@ def test_packed_logprobs_equal_unpacked_plain_attention():
         prepare(model)
         assert model.config._attn_implementation == "qrl_packed_sdpa"
         torch.testing.assert_close(packed_token_logprobs(model, ids, lengths), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3"])
+def test_packed_forward_builds_no_mask_and_equal_lengths_rebatch_by_views(family, monkeypatch):
+    """After prepare(), a packed forward builds no block-diagonal mask (attention takes `cu_seq_lens`);
+    samples of one length are re-batched by views, mixed lengths by gathers; both exact."""
+    import policies.gdn_varlen as gv
+    import transformers.masking_utils as mu
+
+    model = tiny_model(family).eval()
+    prepare(model)
+    assert no_masks(model) == {t: None for t in set(model.config.layer_types)}
+    g = torch.Generator().manual_seed(4)
+    same, same_len = torch.randint(1, 300, (3, 40), generator=g), torch.full((3,), 40)
+    mixed, mixed_len = padded_batch(5)
+    refs = [one_by_one(model, same, same_len), one_by_one(model, mixed, mixed_len)]
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("a packed-sequence mask was built")
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", no_mask)
+    gathers = []
+    monkeypatch.setattr(gv, "segment_positions", lambda *a, _f=gv.segment_positions: gathers.append(1) or _f(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(packed_token_logprobs(model, same, same_len), refs[0], atol=2e-5, rtol=0)
+        if family == "qwen3":  # no Gated DeltaNet (whose CPU rule re-batches too): attention used views only
+            assert not gathers
+        torch.testing.assert_close(packed_token_logprobs(model, mixed, mixed_len), refs[1], atol=2e-5, rtol=0)
+    assert gathers
 
 
 @pytest.fixture(scope="module")
