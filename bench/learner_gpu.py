@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
+T0 = time.perf_counter()  # progress lines carry the seconds since start: a slow phase shows in the log
 PEAK_TFLOPS = 790.0  # H200 bf16 matmul on random data, 8192^3 (measured here: 769-798)
 
 # name -> LearnerSettings fields; `torch` is the fallback, `auto` the platform's GPU default
@@ -169,7 +170,7 @@ def compare(name: str, fast, torch_bf16, ref, inputs: dict, upstream) -> dict:
     tol = max(1e-2, 2 * worst_ref)
     row.update({"worst_fast": worst_fast, "worst_torch_bf16": worst_ref, "tolerance": tol,
                 "pass": bool(worst_fast == worst_fast and worst_fast <= tol)})
-    print(f"check {name}: fast {worst_fast:.2e} torch-bf16 {worst_ref:.2e} tol {tol:.1e} -> "
+    print(f"[{time.perf_counter() - T0:.0f}s] check {name}: fast {worst_fast:.2e} torch-bf16 {worst_ref:.2e} tol {tol:.1e} -> "
           f"{'PASS' if row['pass'] else 'FAIL'}", flush=True)
     return row
 
@@ -377,7 +378,7 @@ def run_variant(name: str, folder: Path, n_params: int, a, dev: torch.device) ->
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    print(f"variant {name}: {row['tokens_per_s']:.0f} tok/s, MFU {row['mfu']:.1%}, step {step_s:.3f}s, "
+    print(f"[{time.perf_counter() - T0:.0f}s] variant {name}: {row['tokens_per_s']:.0f} tok/s, MFU {row['mfu']:.1%}, step {step_s:.3f}s, "
           f"peak {row['peak_mem_gib']} GiB", flush=True)
     return row
 

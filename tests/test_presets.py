@@ -135,3 +135,13 @@ def test_run_with_a_mismatching_folder_fails_at_start(folder_9b, tmp_path):
     out = subprocess.run(cmd, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "does not match policy=qwen3_5_4b" in out.stderr and "use policy=qwen3_5_9b" in out.stderr
+
+
+def test_gpu_learner_and_rollout_presets_compose_typed():
+    """conf/learner/gpu.yaml and conf/rollout/gpu.yaml use only keys the typed config has."""
+    from rl.config import TrainConfig
+    from rl.train import compose
+
+    cfg = OmegaConf.to_object(compose(["learner=gpu", "rollout=gpu"]))
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.learner.dtype == "bfloat16" and cfg.learner.kernels == "auto" and cfg.learner.keep_head_logits is False
