@@ -141,6 +141,9 @@ class DeepSpeedWorker:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_cfg)
         if type(self.engine.optimizer).__name__ == "FP16_UnfusedOptimizer":  # stage 0 in bf16 (one GPU rank)
             fix_unfused_optimizer(self.engine.optimizer)
+        if self.world == 1 and self.s.zero_stage == 0:
+            # nothing to average over: skip the flatten / all-reduce / copy-back of every gradient per step
+            self.engine.enable_backward_allreduce = False
 
     def _load_causal_lm(self, path: str, plain: bool = False):
         """A transformers causal LM; under ZeRO-3 (unless `plain`) partitioned while it loads."""
