@@ -8,7 +8,8 @@ module so that, when `cu_seq_lens_q` is passed, each sample starts from a zero c
 zero recurrent state:
 
 - conv: one depthwise conv over the whole row, then the first (kernel-1) outputs of each sample are
-  recomputed from that sample's own tokens;
+  recomputed from that sample's own tokens; on CUDA with fla's conv (`learner.kernels`), q, k and v are
+  projected and convolved per part by fla's varlen kernel (`fast_projected_conv`);
 - delta rule: fla's varlen kernel (`cu_seqlens`) when it is installed and the tensors are on CUDA;
   otherwise the samples are re-batched right-padded ([S, max_len]) for the PyTorch chunked rule
   (right padding cannot affect earlier positions: the rule is causal).
