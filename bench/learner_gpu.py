@@ -422,7 +422,7 @@ def profile_step(learner, batch, top: int = 25) -> dict:
     idle = gpu_idle(prof)
     rows = []
     for e in prof.key_averages():  # kernels only (the CPU ops that launched them are in `ops`)
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        t = _self_device_us(e)
         if t > 0 and getattr(e, "device_type", None) == DeviceType.CUDA:
             rows.append((e.key, t / 1e3, e.count))
     rows.sort(key=lambda r: -r[1])
@@ -442,16 +442,15 @@ def profile_step(learner, batch, top: int = 25) -> dict:
             "op_totals_ms": totals, "idle": idle}
 
 
+def _self_device_us(e) -> float:
+    return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+
 def op_attribution(prof, top: int = 30) -> list[dict]:
-    """The PyTorch ops (aten::*) that launched the most GPU time, with input shapes and the Python
-    frames that called them: where copies, adds and gathers come from."""
-    out = []
-    for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6):
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if t > 0 and e.key.startswith("aten::"):
-            stack = [f for f in (e.stack or []) if "torch/" not in f or "nn/modules" not in f][:6]
-            out.append({"op": e.key, "ms": round(t / 1e3, 3), "calls": e.count, "shapes": str(e.input_shapes)[:160],
-                        "stack": stack})
+    """The PyTorch ops (aten::*) that launched the most GPU time, with their input shapes: where copies,
+    adds and gathers come from."""
+    out = [{"op": e.key, "ms": round(_self_device_us(e) / 1e3, 3), "calls": e.count, "shapes": str(e.input_shapes)[:160]}
+           for e in prof.key_averages(group_by_input_shape=True) if _self_device_us(e) > 0 and e.key.startswith("aten::")]
     out.sort(key=lambda r: -r["ms"])
     return out[:top]
 
@@ -483,8 +482,7 @@ def gpu_idle(prof, top: int = 12) -> dict:
 
 def op_totals(prof, top: int = 15) -> dict[str, float]:
     """GPU ms launched (self) per PyTorch op name."""
-    rows = [(e.key, (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) / 1e3)
-            for e in prof.key_averages() if e.key.startswith("aten::")]
+    rows = [(e.key, _self_device_us(e) / 1e3) for e in prof.key_averages() if e.key.startswith("aten::")]
     return {k: round(ms, 2) for k, ms in sorted(rows, key=lambda r: -r[1])[:top] if ms > 0}
 
 
@@ -552,10 +550,9 @@ def render_md(d: dict) -> str:
                 if p.get("op_totals_ms"):
                     lines += ["", "GPU time by PyTorch op (self): " + ", ".join(f"{k} {v} ms" for k, v in p["op_totals_ms"].items())]
                 if p.get("ops"):
-                    lines += ["", "PyTorch ops by GPU time they launched (self), with input shapes and callers:", "",
-                              "| op | ms | calls | shapes | called from |", "|---|---|---|---|---|"]
-                    lines += [f"| `{o['op']}` | {o['ms']} | {o['calls']} | {o['shapes']} | "
-                              f"{' < '.join(o['stack'][:4])} |" for o in p["ops"]]
+                    lines += ["", "PyTorch ops by GPU time they launched (self), with input shapes:", "",
+                              "| op | ms | calls | shapes |", "|---|---|---|---|"]
+                    lines += [f"| `{o['op']}` | {o['ms']} | {o['calls']} | {o['shapes']} |" for o in p["ops"]]
     return "\n".join(lines) + "\n"
 
 
