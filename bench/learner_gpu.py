@@ -19,6 +19,7 @@ Phases (one process, results written after each step of the way so a cut-off run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -55,6 +56,8 @@ VARIANTS = {
     "auto+micro16+keep": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=16,
                               keep_head_logits=True),
     "auto+keep": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, keep_head_logits=True),
+    "auto+micro16+keep+ds-step": dict(kernels="auto", fused_logprobs=True, fused_optimizer=True, micro_batch_size=16,
+                                      keep_head_logits=True, _deepspeed_step=True),
 }
 DESCRIBE = {
     "torch": "PyTorch everywhere (transformers' ops, PyTorch chunked delta rule, chunked fp32 logprobs, AdamW)",
@@ -71,6 +74,8 @@ DESCRIBE = {
     "auto+micro16+ckpt": "auto+micro16 + activation checkpointing",
     "auto+micro16+keep": "auto+micro16, the LM head's logits kept for backward (learner.keep_head_logits)",
     "auto+keep": "auto, the LM head's logits kept for backward",
+    "auto+micro16+keep+ds-step": "auto+micro16+keep with DeepSpeed's own stage-0 step (per-parameter inf/NaN check, "
+                                 "per-parameter step, gradient all-reduce) instead of rl/ds_worker.py's multi-tensor one",
 }
 
 
@@ -323,16 +328,39 @@ def synthetic_batch(samples: int, lengths: list[int], prompt: int, vocab: int, s
             "advantages": adv.unsqueeze(1) * mask, "behaviour_logprobs": torch.zeros(samples, T - 1)}
 
 
+@contextlib.contextmanager
+def deepspeed_stage0_step():
+    """Learners built inside keep DeepSpeed's stage-0 bf16 step as it ships (only the Adam start-up state
+    is still dropped, a correctness fix without speed effect) and its gradient all-reduce: the baseline for
+    rl/ds_worker.py's host-side fixes."""
+    from rl import ds_worker
+
+    real_fix, real_init = ds_worker.fix_unfused_optimizer, ds_worker.DeepSpeedWorker._initialize
+
+    def init(self, model):
+        real_init(self, model)
+        self.engine.enable_backward_allreduce = True
+
+    ds_worker.fix_unfused_optimizer = lambda opt: opt.optimizer.state.clear()
+    ds_worker.DeepSpeedWorker._initialize = init
+    try:
+        yield
+    finally:
+        ds_worker.fix_unfused_optimizer, ds_worker.DeepSpeedWorker._initialize = real_fix, real_init
+
+
 def run_variant(name: str, folder: Path, n_params: int, a, dev: torch.device) -> dict:
     from rl.learner import AlgoSettings, Learner, LearnerSettings
 
     over = dict(VARIANTS[name])
+    deepspeed_step = over.pop("_deepspeed_step", False)
     fields = dict(zero_stage=2, dtype="bfloat16" if dev.type == "cuda" else "float32", lr=1e-6,
                   micro_batch_size=a.micro, logprob_chunk_tokens=a.chunk, packing=True, gradient_checkpointing=False)
     fields.update(over)
     settings = LearnerSettings(**fields)
     t0 = time.perf_counter()
-    learner = Learner(str(folder), settings, AlgoSettings(), samples_per_step=a.samples)
+    with deepspeed_stage0_step() if deepspeed_step else contextlib.nullcontext():
+        learner = Learner(str(folder), settings, AlgoSettings(), samples_per_step=a.samples)
     init_s = time.perf_counter() - t0
     lengths = lengths_for(a)
     batch = synthetic_batch(a.samples, lengths, a.prompt, learner.model.config.vocab_size)

@@ -143,3 +143,27 @@ def test_lean_stage0_step_equals_deepspeeds(model_path):
     (n_lean, w_lean), (n_ds, w_ds) = runs
     assert n_lean == pytest.approx(n_ds, rel=1e-5) and n_ds[0] > 1.0  # clipping was active
     assert (w_lean == w_ds).float().mean() > 0.999 and (w_lean - w_ds).abs().max() < 1e-2
+
+
+def test_bench_baseline_keeps_deepspeeds_own_stage0_step(model_path):
+    """bench/learner_gpu.py's `+ds-step` baseline really runs DeepSpeed's stage-0 step, overflow check and
+    gradient all-reduce (only the Adam start-up state is dropped), gives the same gradient norm, and puts the
+    learner's own fixes back afterwards."""
+    from bench.learner_gpu import deepspeed_stage0_step
+
+    s = LearnerSettings(micro_batch_size=2, lr=1e-2, zero_stage=0, dtype="bfloat16")
+    norms = []
+    for baseline in (True, False):
+        if baseline:
+            with deepspeed_stage0_step():
+                learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+        else:
+            learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+        opt = learner.engine.optimizer
+        assert not opt.optimizer.state  # the start-up step's Adam state is gone either way
+        assert ("step" in vars(opt)) is not baseline
+        assert (opt.overflow_checker.has_overflow_serial.__func__.__module__ == "rl.ds_worker") is not baseline
+        assert learner.engine.enable_backward_allreduce is baseline
+        norms.append(learner.train(varied_batch())["train/grad_norm"])
+        getattr(learner.engine, "destroy", lambda: None)()
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
