@@ -530,7 +530,7 @@ def render_md(d: dict) -> str:
              "[docs/gpu.md](../../docs/gpu.md#reproduce-the-commands-that-produced-the-results)).", "",
              "Software: " + ", ".join(f"{k} {val}" for k, val in v.items() if val), "",
              f"Batch per optimizer step: {d.get('samples')} samples x {d.get('length')} tokens"
-             f"{' (length mix)' if d.get('length_mix') else ''}, {d.get('micro')} per packed micro-batch; "
+             f"{' (length mix)' if d.get('length_mix') else ''}, {d.get('micro')} per packed micro-batch (micro16/micro32 variants: 16/32); "
              f"N = {d.get('n_params'):,} parameters; MFU = 6 N tokens/s / {PEAK_TFLOPS:.0f} TFLOP/s "
              f"(measured matmul peak this run: {d.get('matmul_tflops')} TFLOP/s).", ""]
     if d["checks"]:
