@@ -389,7 +389,7 @@ def run_variant(name: str, folder: Path, n_params: int, a, dev: torch.device) ->
         "settings": {k: fields[k] for k in sorted(fields)}, "describe": DESCRIBE.get(name, ""),
         "kernels_installed": getattr(learner, "kernels", {}), "init_s": round(init_s, 1),
         "tokens_per_step": tokens, "step_s": [round(x, 4) for x in times], "median_step_s": round(step_s, 4),
-        "host_issue_s": [round(x, 4) for x in issue],  # host time queueing the step's work (~ step_s: host-bound)
+        "host_issue_s": [round(x, 4) for x in issue],  # host time queueing the step's work (GPU idle in the profile tells host- from GPU-bound)
         "tokens_per_s": round(tps, 1), "mfu": round(6 * n_params * tps / (PEAK_TFLOPS * 1e12), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
         "score_mean_logprob": round(float((old_lp * mask).sum() / mask.sum()), 5),
@@ -556,7 +556,8 @@ def render_md(d: dict) -> str:
                          f"{r['median_step_s']} | {statistics.median(r.get('host_issue_s') or [0]):.4f} | "
                          f"{r['peak_mem_gib']} | {r['score_mean_logprob']} |")
         lines += ["", "Host s to queue it: time `Learner.train()` spends issuing the step's GPU work before its one "
-                  "end-of-step sync; close to the step time means the host, not the GPU, sets the pace."]
+                  "end-of-step sync; close to the step time means either a slow host or a full CUDA launch queue "
+                  "(the host waiting for room): the profile's GPU idle tells which."]
         for k, r in d["variants"].items():
             if r.get("syncs") is not None:
                 lines += ["", f"Host-device synchronisations in one step of {k} (torch sync debug mode): "
