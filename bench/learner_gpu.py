@@ -341,7 +341,7 @@ def deepspeed_stage0_step():
         real_init(self, model)
         self.engine.enable_backward_allreduce = True
 
-    ds_worker.fix_unfused_optimizer = lambda opt: opt.optimizer.state.clear()
+    ds_worker.fix_unfused_optimizer = ds_worker.drop_startup_adam_state
     ds_worker.DeepSpeedWorker._initialize = init
     try:
         yield
@@ -389,7 +389,7 @@ def run_variant(name: str, folder: Path, n_params: int, a, dev: torch.device) ->
         "settings": {k: fields[k] for k in sorted(fields)}, "describe": DESCRIBE.get(name, ""),
         "kernels_installed": getattr(learner, "kernels", {}), "init_s": round(init_s, 1),
         "tokens_per_step": tokens, "step_s": [round(x, 4) for x in times], "median_step_s": round(step_s, 4),
-        "host_issue_s": [round(x, 4) for x in issue],  # host time queueing the step's work (GPU idle in the profile tells host- from GPU-bound)
+        "host_issue_s": [round(x, 4) for x in issue],  # host time queueing the step's work (see render_md)
         "tokens_per_s": round(tps, 1), "mfu": round(6 * n_params * tps / (PEAK_TFLOPS * 1e12), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
         "score_mean_logprob": round(float((old_lp * mask).sum() / mask.sum()), 5),
