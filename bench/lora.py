@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policies.build import resolve_policy_path  # noqa: E402
 from policies.lora import LoraConfig, apply_lora, num_params, sync_modules  # noqa: E402
 from policies.tiny import TinySpec  # noqa: E402
-from rl.controller import free_port  # noqa: E402
+from common.net import free_port  # noqa: E402
 from rl.learner import AlgoSettings, Learner, LearnerSettings  # noqa: E402
-from rl.trajectory import Trajectory, collate  # noqa: E402
+from rollout.trajectory import Trajectory, collate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RANK = 8

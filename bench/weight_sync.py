@@ -48,7 +48,7 @@ def main() -> None:
 
     from policies.build import resolve_policy_path
     from policies.tiny import TinySpec
-    from rl.controller import free_port
+    from common.net import free_port
     from rl.learner import AlgoSettings, Learner, LearnerSettings
     from rollout.engine import EngineConfig, engine_actor
 

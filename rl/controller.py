@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from common.errors import RunError
 from rl.algorithms import NEEDS_CRITIC, compute_advantages, groups_with_signal, importance_weights, overlong_penalty
 from rl.config import TrainConfig, validate
 from rl.critic import Critic
@@ -21,17 +22,7 @@ from rl.learner import AlgoSettings, Learner, LearnerSettings
 from rl.logger import SAMPLES_KEY, RunLogger, append_env_errors
 from rl.monitor import MismatchMonitor
 from rl.reference import ReferencePolicy
-from rl.trajectory import collate, group_staleness
-
-
-class RunError(RuntimeError):
-    """A run-stopping problem with a message that names its cause and the fix."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rollout.trajectory import collate, group_staleness
 
 
 def _rendezvous() -> tuple[str, int]:

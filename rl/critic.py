@@ -11,7 +11,7 @@ import torch
 
 from rl.algorithms import value_objective
 from rl.ds_worker import DeepSpeedWorker, LearnerSettings
-from rl.vision import model_inputs as vision_inputs
+from policies.vision import model_inputs as vision_inputs
 
 
 class ValueModel(torch.nn.Module):
@@ -29,7 +29,7 @@ class ValueModel(torch.nn.Module):
         self.value_head.to(next(self.backbone.parameters()).dtype)
 
     def forward(self, input_ids: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        """model_kwargs: a VL backbone's images (rl/vision.py model_inputs)."""
+        """model_kwargs: a VL backbone's images (policies/vision.py model_inputs)."""
         h = self.backbone(input_ids=input_ids, use_cache=False, **model_kwargs).last_hidden_state
         return self.value_head(h[:, :-1]).squeeze(-1).float()
 

@@ -142,7 +142,7 @@ class DeepSpeedWorker:
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
         if settings.cpus and not torch.cuda.is_available():
-            from rl.cpus import pin_to_cpus
+            from common.cpus import pin_to_cpus
 
             pin_to_cpus(settings.cpus)
         torch.set_num_threads(settings.num_threads)

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf import OmegaConf
 
     from rl.config import validate
-    from rl.controller import RunError
+    from common.errors import RunError
     from rl.train import compose, explain_config_error, fail
 
     args = sys.argv[1:] if argv is None else argv

@@ -16,7 +16,7 @@ from policies.checkpoint import engine_layout, to_checkpoint_names
 from rl.algorithms import kl_estimate, policy_objective
 from rl.ds_worker import DeepSpeedWorker, LearnerSettings, ds_config, register_zero3_external_params  # noqa: F401
 from rl.logprobs import token_logprobs
-from rl.vision import model_inputs as vision_inputs
+from policies.vision import model_inputs as vision_inputs
 from rl.packing import packed_token_logprobs, supports_packing
 from rl.packing import prepare as prepare_packing
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from rl.logprobs import token_logprobs
-from rl.vision import MM_KEYS
-from rl.vision import model_inputs as vision_inputs
+from policies.vision import MM_KEYS
+from policies.vision import model_inputs as vision_inputs
 
 
 class ReferencePolicy:

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rl.cpus import pin_to_cpus
+from common.cpus import pin_to_cpus
 
 
 @dataclass
@@ -375,10 +375,10 @@ class VLLMEngine:
     # -- generation ---------------------------------------------------------------------------
     def _prompt(self, prompt_ids: list[int], images: list | None):
         """Token ids, or with images vLLM's multimodal prompt: each expanded placeholder collapsed to
-        one `<|image_pad|>` (vLLM expands it again from the image; rl/vision.py)."""
+        one `<|image_pad|>` (vLLM expands it again from the image; policies/vision.py)."""
         if not images:
             return prompt_ids
-        from rl.vision import engine_prompt
+        from policies.vision import engine_prompt
 
         if self.image_token_id is None:
             raise ValueError(f"images were sent to the engine of {self.cfg.model!r}, which is not a "
@@ -393,7 +393,7 @@ class VLLMEngine:
         """One completion of `prompt_ids` with the logprob of every sampled token and the policy
         version that sampled each one (ignore_eos: always generate max_tokens, for benchmarks).
         `images` (vision-language policies): the prompt's images in order; `prompt_ids` carries
-        their placeholders expanded, as the processor made them (rl/vision.py)."""
+        their placeholders expanded, as the processor made them (policies/vision.py)."""
         prompt = self._prompt(prompt_ids, images)
         self.inflight += 1
         try:

@@ -72,7 +72,7 @@ class EnginePool:
         it in place. Returns False when this generation was already replaced (by another caller)."""
         import ray
 
-        from rl.controller import RunError
+        from common.errors import RunError
 
         with self._locks[i]:
             if self.generation[i] != generation:

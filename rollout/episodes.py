@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from rl.trajectory import Trajectory
+from rollout.trajectory import Trajectory
 from rollout.engine_pool import EngineLost, EnginePool, is_dead
 from rollout.env_pool import EnvFailure, EnvPool
 
@@ -68,7 +68,7 @@ class EngineClient:
         engine, generation = self.pool.current(i)
         self.inflight[i] += 1
         try:
-            if images:  # vision-language prompt (rl/vision.py)
+            if images:  # vision-language prompt (policies/vision.py)
                 return await engine.generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed,
                                                         images=images)
             return await engine.generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed)
@@ -125,8 +125,8 @@ class ChatRenderer:
     def prompt_inputs(self, obs, tools: list | None = None) -> tuple[list[int], list, dict]:
         """(prompt ids, images, mm_inputs). Text observations: (prompt_ids(...), [], {}). With image
         content parts: ids with each image's placeholder expanded by the processor, the images (for
-        the engine) and pixel_values / image_grid_thw (for the learner); see rl/vision.py."""
-        from rl.vision import images_in, process_prompt, render_key
+        the engine) and pixel_values / image_grid_thw (for the learner); see policies/vision.py."""
+        from policies.vision import images_in, process_prompt, render_key
 
         images = images_in(self.as_messages(obs))
         if not images:
@@ -150,7 +150,7 @@ class ChatRenderer:
         only what follows the stand-in assistant turn is kept: role-dependent rendering (grouped
         tool responses, Qwen3.5 dropping <think> from turns before the last user query) cannot
         leak in, and the policy's own tokens are never re-rendered or re-tokenised."""
-        from rl.vision import images_in
+        from policies.vision import images_in
 
         if images_in(self.as_messages(obs)):
             raise ValueError("an env reply after the first observation has image content parts; images are "

@@ -149,7 +149,7 @@ def test_unparseable_model_output_is_a_counted_zero_reward():
     """Built-in envs that parse the reply: an unreadable one scores 0 with info parse_error=1 (a
     readable wrong answer: 0), never an env error; the driver logs its mean as env/info/parse_error."""
     from rl.controller import info_means
-    from rl.trajectory import Trajectory
+    from rollout.trajectory import Trajectory
     from rollout.env_pool import EnvHost
 
     cases = {  # env: (unreadable turns, a readable but wrong final reply)

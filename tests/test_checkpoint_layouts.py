@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from policies.checkpoint import (TEXT_PREFIX, Layout, checkpoint_state_dict, engine_layout, layout_of, save_in_layout,
                                  saved_names, to_checkpoint_names)
-from rl.controller import free_port
+from common.net import free_port
 from rl.learner import AlgoSettings, Learner, LearnerSettings
 from rollout.engine import EngineConfig, VLLMEngine
 from tests.test_weight_sync import probe_batch

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from rl.cpus import parse_cpus, pin_to_cpus
+from common.cpus import parse_cpus, pin_to_cpus
 
 
 def test_parse_cpus():

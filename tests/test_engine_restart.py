@@ -36,7 +36,8 @@ def kill_engine_at_first_request(ctl) -> int:
 def test_killed_engine_is_restarted_resynced_and_its_episodes_retried(cache_dir, tmp_path, monkeypatch):
     import ray
 
-    from rl.controller import Controller, RunError
+    from common.errors import RunError
+    from rl.controller import Controller
     from rl.train import compose
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # Ray workers import this checkout
@@ -86,7 +87,7 @@ def test_one_replacement_per_engine_death_and_a_clear_stop():
     """EnginePool's bookkeeping alone (no actor is touched on these paths): concurrent failures of
     one engine generation share one replacement attempt, a failure of an already replaced
     generation is a no-op, and an engine that may not be restarted stops the run naming why."""
-    from rl.controller import RunError
+    from common.errors import RunError
     from rollout.engine_pool import EnginePool
 
     pool = EnginePool(["engine 0", "engine 1"], cannot_restart="learner.sync_transport=broadcast (...)")

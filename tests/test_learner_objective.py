@@ -3,10 +3,10 @@ into micro-batches (DeepSpeed gradient accumulation), in-process with real DeepS
 import pytest
 import torch
 
-from rl.controller import free_port
+from common.net import free_port
 from rl.critic import Critic
 from rl.learner import AlgoSettings, Learner, LearnerSettings
-from rl.trajectory import Trajectory, collate
+from rollout.trajectory import Trajectory, collate
 
 N = 8
 

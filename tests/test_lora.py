@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from policies.lora import PACKED, LoraConfig, check_targets, sync_modules
-from rl.controller import free_port
+from common.net import free_port
 from rl.learner import AlgoSettings, Learner, LearnerSettings
 from tests.test_e2e import run_cli
 from tests.test_weight_sync import diff, probe_batch, sync

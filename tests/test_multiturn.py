@@ -5,7 +5,7 @@ import torch
 
 from envs import make_env
 from policies.build import load_tokenizer
-from rl.trajectory import collate
+from rollout.trajectory import collate
 from rollout.engine import EngineConfig, VLLMEngine
 from rollout.env_pool import EnvPool
 from rollout.episodes import EpisodeRunner, RolloutSettings

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from policies.gdn_varlen import varlen_causal_conv
-from rl.controller import free_port
+from common.net import free_port
 from rl.learner import AlgoSettings, Learner, LearnerSettings
 from rl.logprobs import token_logprobs
 from rl.packing import no_masks, pack, packed_token_logprobs, prepare

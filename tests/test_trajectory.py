@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rl.trajectory import Trajectory, collate
+from rollout.trajectory import Trajectory, collate
 
 
 def test_collate_aligns_tokens_masks_and_versions():
@@ -22,7 +22,7 @@ def test_collate_aligns_tokens_masks_and_versions():
 
 
 def test_partial_rollout_versions_and_group_staleness():
-    from rl.trajectory import group_staleness
+    from rollout.trajectory import group_staleness
 
     t = Trajectory(prompt_ids=[1, 2])
     t.add_policy_tokens([5, 6, 7], [-0.1, -0.2, -0.3], [3, 3, 4])  # a weight update mid-request

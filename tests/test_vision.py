@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from envs.base import check_reset_output, check_step_output
 from envs.builtin.color_patch import ColorPatchEnv
 from envs.registry import make_env
-from rl.controller import free_port
-from rl.trajectory import Trajectory, collate
+from common.net import free_port
+from rollout.trajectory import Trajectory, collate
 from tests.conftest import REPO
 
 
@@ -82,7 +82,7 @@ def test_tiny_vl_checkpoint_tokenizer_and_prompt_inputs(vl_path, vl_parts):
 
     from policies.build import auto_model_class
     from policies.tokenizer import build_vl_tokenizer
-    from rl.vision import engine_prompt, model_inputs
+    from policies.vision import engine_prompt, model_inputs
 
     tok, proc = vl_parts
     cfg = AutoConfig.from_pretrained(vl_path)
@@ -145,7 +145,7 @@ def test_engine_generates_from_images_learner_matches_and_vision_weights_sync(ra
     from policies.build import auto_model_class
     from rl.learner import AlgoSettings, Learner, LearnerSettings
     from rl.logprobs import token_logprobs
-    from rl.vision import model_inputs
+    from policies.vision import model_inputs
     from rollout.engine import EngineConfig, VLLMEngine
 
     ray = ray_cluster

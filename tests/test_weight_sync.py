@@ -8,9 +8,9 @@ engine-vs-fp32-learner mismatch is measured and printed.
 import pytest
 import torch
 
-from rl.controller import free_port
+from common.net import free_port
 from rl.learner import AlgoSettings, Learner, LearnerSettings
-from rl.trajectory import Trajectory, collate
+from rollout.trajectory import Trajectory, collate
 from rollout.engine import EngineConfig, VLLMEngine
 
 PARITY_TOL = 1e-4  # per token, nats

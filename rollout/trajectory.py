@@ -22,7 +22,7 @@ class Trajectory:
     error: str | None = None
     info: dict = field(default_factory=dict)
     # vision-language prompts: the processor's pixel_values [patches, D] and image_grid_thw [images, 3]
-    # (rl/vision.py); prompt_ids hold the expanded image placeholder tokens they fill
+    # (policies/vision.py); prompt_ids hold the expanded image placeholder tokens they fill
     mm_inputs: dict = field(default_factory=dict)
 
     def add_policy_tokens(self, ids: list[int], logprobs: list[float], version: int | list[int]) -> None:
@@ -76,7 +76,7 @@ def collate(trajs: list[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:
             loss_mask[i, p - 1 : p - 1 + r] = torch.tensor(t.loss_mask, dtype=torch.float32)
             behaviour[i, p - 1 : p - 1 + r] = torch.tensor(t.behaviour_logprobs, dtype=torch.float32)
             versions[i, p - 1 : p - 1 + r] = torch.tensor(t.versions)
-    from rl.vision import pad_mm_inputs
+    from policies.vision import pad_mm_inputs
 
     return {
         "input_ids": input_ids,
