@@ -43,6 +43,8 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402  (a Ray dependency)
 
 from envs.registry import make_env, resolve_env_class  # noqa: E402
+from rl.config import EnvConfig  # noqa: E402
+from rl.settings import env_pool  # noqa: E402
 from rollout.env_pool import EnvFailure, EnvHost, EnvPool  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -490,8 +492,8 @@ async def main_async(args) -> dict:
         print(json.dumps(res["naive"]), flush=True)
 
         def make_pool(actors: int, inflight: int, capacity: int, kw=kwargs) -> EnvPool:
-            return EnvPool(ENV, None, kw, num_actors=actors, envs_per_actor=math.ceil(capacity / actors),
-                           max_inflight_calls=inflight)
+            return env_pool(EnvConfig(name=ENV, kwargs=kw, num_actors=actors,
+                                      envs_per_actor=math.ceil(capacity / actors)), max_inflight_calls=inflight)
 
         gct = tuple(int(x) for x in args.driver_gc_threshold.split(",") if x) or None
         print(f"main: {args.episodes} live episodes, {args.actors} actors x inflight {args.max_inflight}, "

@@ -350,17 +350,18 @@ def deepspeed_stage0_step():
 
 
 def run_variant(name: str, folder: Path, n_params: int, a, dev: torch.device) -> dict:
-    from rl.learner import AlgoSettings, Learner, LearnerSettings
+    from rl.learner import Learner
+    from rl.settings import algo_settings, learner_settings
 
     over = dict(VARIANTS[name])
     deepspeed_step = over.pop("_deepspeed_step", False)
     fields = dict(zero_stage=2, dtype="bfloat16" if dev.type == "cuda" else "float32", lr=1e-6,
                   micro_batch_size=a.micro, logprob_chunk_tokens=a.chunk, packing=True, gradient_checkpointing=False)
     fields.update(over)
-    settings = LearnerSettings(**fields)
+    settings = learner_settings(**fields)
     t0 = time.perf_counter()
     with deepspeed_stage0_step() if deepspeed_step else contextlib.nullcontext():
-        learner = Learner(str(folder), settings, AlgoSettings(), samples_per_step=a.samples)
+        learner = Learner(str(folder), settings, algo_settings(), samples_per_step=a.samples)
     init_s = time.perf_counter() - t0
     lengths = lengths_for(a)
     batch = synthetic_batch(a.samples, lengths, a.prompt, learner.model.config.vocab_size)

@@ -25,7 +25,8 @@ from policies.build import resolve_policy_path  # noqa: E402
 from policies.lora import LoraConfig, apply_lora, num_params, sync_modules  # noqa: E402
 from policies.tiny import TinySpec  # noqa: E402
 from common.net import free_port  # noqa: E402
-from rl.learner import AlgoSettings, Learner, LearnerSettings  # noqa: E402
+from rl.learner import Learner  # noqa: E402
+from rl.settings import algo_settings, learner_settings
 from rollout.trajectory import Trajectory, collate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,8 +54,8 @@ def batch(n: int, seed: int = 0) -> dict:
 def measure(path: str, n: int, steps: int) -> dict:
     """Full fine-tuning and LoRA learners on the same batch, their steps interleaved (this machine's
     load varies: other processes share its 2 cores)."""
-    learners = {name: Learner(path, LearnerSettings(micro_batch_size=64, lr=1e-3, zero_stage=2, lora=lora),
-                              AlgoSettings(), 0, 1, "127.0.0.1", free_port(), n)
+    learners = {name: Learner(path, learner_settings(micro_batch_size=64, lr=1e-3, zero_stage=2, lora=lora),
+                              algo_settings(), 0, 1, "127.0.0.1", free_port(), n)
                 for name, lora in [("full", LoraConfig()), ("lora", LoraConfig(rank=RANK))]}
     b = batch(n)
     times = {name: [] for name in learners}

@@ -74,10 +74,11 @@ def prompts_for(tok, n: int, seed: int = 0) -> list[list[int]]:
 
 
 def bench_vllm(folder: Path, prompts, max_tokens: int, dtype: str) -> dict:
-    from rollout.engine import EngineConfig, VLLMEngine, run_sync
+    from rollout.engine import VLLMEngine, run_sync
+    from rl.settings import engine_config
 
     t0 = time.perf_counter()
-    eng = VLLMEngine(EngineConfig(model=str(folder), dtype=dtype, max_model_len=1024, kv_cache_memory_mb=1024))
+    eng = VLLMEngine(engine_config(model=str(folder), dtype=dtype, max_model_len=1024, kv_cache_memory_mb=1024))
     run_sync(eng.ready())
     startup = time.perf_counter() - t0
     runs = []

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from rl.config import register_configs  # noqa: E402
-from rl.controller import run_training  # noqa: E402
+from rl.run import run_training  # noqa: E402
 from rl.logger import read_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -49,8 +49,10 @@ def main() -> None:
     from policies.build import resolve_policy_path
     from policies.tiny import TinySpec
     from common.net import free_port
-    from rl.learner import AlgoSettings, Learner, LearnerSettings
-    from rollout.engine import EngineConfig, engine_actor
+    from rl.learner import Learner
+    from rl.settings import algo_settings, learner_settings
+    from rollout.engine import engine_actor
+    from rl.settings import engine_config
 
     tmp = Path(tempfile.mkdtemp(prefix="qrl-bench-sync-"))
     ray_tmp = tempfile.mkdtemp(prefix="qrs", dir="/tmp")
@@ -63,10 +65,10 @@ def main() -> None:
                         num_attention_heads=hidden // 64, num_key_value_heads=max(hidden // 256, 1), head_dim=64,
                         initializer_range=0.02)
         path = resolve_policy_path("tiny:bench", asdict(spec), tmp / "cache")
-        eng = engine_actor(num_cpus=1).remote(EngineConfig(model=path, dtype="float32", max_model_len=256))
+        eng = engine_actor(num_cpus=1).remote(engine_config(model=path, dtype="float32", max_model_len=256))
         ray.get(eng.ready.remote())
-        learner = ray.remote(num_cpus=1)(Learner).remote(path, LearnerSettings(micro_batch_size=1, zero_stage=2),
-                                                          AlgoSettings(), 0, 1, "127.0.0.1", free_port(), 1)
+        learner = ray.remote(num_cpus=1)(Learner).remote(path, learner_settings(micro_batch_size=1, zero_stage=2),
+                                                          algo_settings(), 0, 1, "127.0.0.1", free_port(), 1)
         ray.get(learner.init_transfer.remote([eng]))
         res = {}
         version = 0

@@ -3,7 +3,7 @@ dataclasses, so an unknown or misspelt key fails at start, before any model load
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -65,6 +65,7 @@ class LearnerConfig:
     dtype: str = "float32"
     lr: float = 2e-3
     weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     grad_clip: float = 1.0
     micro_batch_size: int = 64
     mini_batches: int = 1
@@ -261,8 +262,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"learner.sync_transport={cfg.learner.sync_transport!r}; use object_store or broadcast")
     if r.max_engine_restarts < 0:
         raise ValueError(f"rollout.max_engine_restarts={r.max_engine_restarts}; use >= 0 (0: an engine death stops the run)")
-    if t.mode not in ("sync", "one_step_off", "async"):
-        raise ValueError(f"trainer.mode={t.mode!r}; use sync, one_step_off or async")
+    from rl.schedules import SCHEDULES
+
+    if t.mode not in SCHEDULES:
+        raise ValueError(f"trainer.mode={t.mode!r}; use {', '.join(SCHEDULES)}")
     if t.max_staleness < 0:
         raise ValueError(f"trainer.max_staleness={t.max_staleness}; use >= 0")
     if t.stale_policy not in ("drop", "correct"):
@@ -282,7 +285,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"logger.backend={cfg.logger.backend!r}; use wandb or console")
 
 
-TRAIN_SEED_BLOCK = 1_000_003  # the training env seeds of `seed` are seed * TRAIN_SEED_BLOCK + n (rl/controller.py)
+TRAIN_SEED_BLOCK = 1_000_003  # the training env seeds of `seed` are seed * TRAIN_SEED_BLOCK + n (rl/batches.py)
 
 
 def validate_eval(cfg: TrainConfig) -> None:

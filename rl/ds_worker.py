@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -13,26 +13,29 @@ from policies.lora import LoraConfig
 
 @dataclass
 class LearnerSettings:
-    zero_stage: int = 2
-    dtype: str = "float32"  # float32 on CPU; bfloat16 on GPU
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    grad_clip: float = 1.0
-    micro_batch_size: int = 64
-    mini_batches: int = 1  # optimizer steps per rollout batch
-    logprob_chunk_tokens: int = 4096
-    packing: bool = True  # micro-batches as one packed row (per-sample boundaries, no padding)
-    gradient_checkpointing: bool = False
-    kernels: str = "auto"  # auto: fused fla kernels for norms/SwiGLU/conv on CUDA when installed; torch: PyTorch ops
-    fused_logprobs: bool = True  # CUDA: LM head -> logprobs in Triton kernels (no fp32 logits; rl/fused_logprobs.py)
-    fused_optimizer: bool = True  # CUDA: torch's fused AdamW (one kernel for all parameters)
-    keep_head_logits: bool = False  # fused logprobs: keep a micro-batch's bf16 logits for backward (no head recompute)
-    num_threads: int = 1
-    cpus: str | None = None  # CPU cores for this rank on CPU machines (e.g. "1"); None: no pinning
-    seed: int = 0
-    ds_extra: dict = field(default_factory=dict)
-    lora: LoraConfig = field(default_factory=LoraConfig)  # policy learner only; rank 0: off
+    """One DeepSpeed rank's settings, built from `learner.*` by rl/settings.py (defaults live there)."""
+    zero_stage: int
+    dtype: str  # float32 on CPU; bfloat16 on GPU
+    lr: float
+    weight_decay: float
+    betas: tuple
+    grad_clip: float
+    micro_batch_size: int
+    mini_batches: int  # optimizer steps per rollout batch
+    logprob_chunk_tokens: int
+    packing: bool  # micro-batches as one packed row (per-sample boundaries, no padding)
+    gradient_checkpointing: bool
+    kernels: str  # auto: fused fla kernels for norms/SwiGLU/conv on CUDA when installed; torch: PyTorch ops
+    fused_logprobs: bool  # CUDA: LM head -> logprobs in Triton kernels (no fp32 logits; rl/fused_logprobs.py)
+    fused_optimizer: bool  # CUDA: torch's fused AdamW (one kernel for all parameters)
+    keep_head_logits: bool  # fused logprobs: keep a micro-batch's bf16 logits for backward (no head recompute)
+    num_threads: int
+    cpus: str | None  # CPU cores for this rank on CPU machines (e.g. "1"); None: no pinning
+    seed: int
+    ds_extra: dict
+    lora: LoraConfig  # policy learner only; rank 0: off
+    sync_transport: str  # weight-sync transport to the engines (sync/)
+    sync_bucket_mb: float
 
 
 def ds_config(s: LearnerSettings, world_size: int, grad_accum: int) -> dict:

@@ -26,7 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rl.logger import append_env_errors
-from rollout.episodes import EpisodeRunner, RolloutSettings
+from rl.settings import engine_config, eval_rollout_settings
+from rollout.episodes import EpisodeRunner
 
 ACCEPTS = ("give an HF model folder (config.json + weights + tokenizer, e.g. <run>/final), a run folder (its "
            "final/ or newest checkpoints/step_*/hf) or a training checkpoint folder (its hf/)")
@@ -35,14 +36,6 @@ ACCEPTS = ("give an HF model folder (config.json + weights + tokenizer, e.g. <ru
 def eval_seeds(cfg) -> list[int]:
     """The held-out env seeds: the same at every evaluation, whatever the run's `seed`."""
     return list(range(cfg.eval.seed_start, cfg.eval.seed_start + cfg.eval.num_prompts))
-
-
-def eval_settings(cfg) -> RolloutSettings:
-    e, r = cfg.eval, cfg.rollout
-    return RolloutSettings(
-        group_size=e.samples_per_prompt, max_tokens=e.max_tokens or r.max_tokens, temperature=e.temperature,
-        top_p=e.top_p, max_turns=e.max_turns or r.max_turns, max_context=r.max_model_len,
-        max_retries=r.max_retries, max_inflight=r.max_inflight)
 
 
 def summarize(trajs: list) -> dict:
@@ -80,7 +73,7 @@ class Evaluator:
 
     def __init__(self, cfg, runner: EpisodeRunner, run_dir: str | Path | None = None):
         self.cfg, self.run_dir = cfg, run_dir
-        self.runner = runner.with_settings(eval_settings(cfg))
+        self.runner = runner.with_settings(eval_rollout_settings(cfg))
         self.seeds = eval_seeds(cfg)
 
     def due(self, step: int) -> bool:
@@ -122,7 +115,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path, out: Path) -> dict:
 
     from envs.registry import resolve_env_class
     from policies.build import default_cache_dir, load_processor, load_tokenizer
-    from rl.controller import engine_config, env_pool_for, start_ray
+    from rl.cluster import start_env_pool, start_ray
     from rollout.engine import engine_actor
 
     resolve_env_class(cfg.env.name, cfg.env._target_)  # bad env: fail before anything starts
@@ -134,11 +127,11 @@ def evaluate_checkpoint(cfg, checkpoint: Path, out: Path) -> dict:
     r, e = cfg.rollout, cfg.env
     pool, engines = None, []
     try:
-        pool = env_pool_for(e)
+        pool = start_env_pool(e)
         engines = [engine_actor(r.engine_num_cpus).remote(engine_config(cfg, str(checkpoint), i))
                    for i in range(r.num_engines)]
         ray.get([x.ready.remote() for x in engines])
-        runner = EpisodeRunner(pool, engines, tokenizer, eval_settings(cfg), processor=processor)
+        runner = EpisodeRunner(pool, engines, tokenizer, eval_rollout_settings(cfg), processor=processor)
         t0 = time.perf_counter()
         trajs = runner.run(eval_seeds(cfg))
         metrics = {**summarize(trajs), "timing/eval_s": time.perf_counter() - t0}
@@ -176,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rl.config import validate
     from common.errors import RunError
-    from rl.train import compose, explain_config_error, fail
+    from rl.cli import compose, explain_config_error, fail, one_line
 
     args = sys.argv[1:] if argv is None else argv
     if any(a.startswith("-") for a in args):
@@ -202,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(own["out"]) if own["out"] else Path(own["checkpoint"]).expanduser() / "eval"
         result = evaluate_checkpoint(cfg, checkpoint, out)
     except (OSError, ValueError, LookupError, RunError, TypeError) as e:  # OSError: missing/unwritable folders, env placement
-        fail(" ".join(str(e).split()))
+        fail(one_line(e))
     print(table(result))
     print(f"[qrl] eval written to {(out / 'eval.json').resolve()}", flush=True)
 

@@ -23,15 +23,16 @@ from rl.packing import prepare as prepare_packing
 
 @dataclass
 class AlgoSettings:
-    """What the learner needs to know of the algorithm: the policy loss and its terms."""
-    policy_loss: str = "ppo_clip"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    loss_agg: str = "token-mean"
-    loss_norm_tokens: float | None = None
-    kl_coef: float = 0.0  # KL as a loss term (only when the batch carries ref_logprobs)
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
+    """What the learner needs to know of the algorithm: the policy loss and its terms (built from
+    `algorithm.*` by rl/settings.py)."""
+    policy_loss: str
+    clip_low: float
+    clip_high: float
+    loss_agg: str
+    loss_norm_tokens: float | None
+    kl_coef: float  # KL as a loss term (only when the batch carries ref_logprobs)
+    kl_estimator: str
+    entropy_coef: float
 
 
 def _out(p, copy: bool):

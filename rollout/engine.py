@@ -52,16 +52,17 @@ class _Stream:
 
 @dataclass
 class EngineConfig:
-    model: str = ""
-    dtype: str = "auto"  # auto: bfloat16 for Qwen3.5 (vLLM CPU's GDN kernel needs it), else float32 on CPU
-    seed: int = 0
-    max_model_len: int = 1024
-    kv_cache_memory_mb: int = 256
-    enforce_eager: bool = True
-    enable_prefix_caching: bool = False
-    backend: str = "auto"  # auto | inproc | async
-    cpus: str | None = None  # CPU cores for the engine (e.g. "0" or "0-3"); None: vLLM's default binding
-    extra: dict = field(default_factory=dict)
+    """Built from `rollout.*` / `policy.*` by rl/settings.py, where the defaults live."""
+    model: str
+    dtype: str  # auto: bfloat16 for Qwen3.5 (vLLM CPU's GDN kernel needs it), else float32 on CPU
+    seed: int
+    max_model_len: int
+    kv_cache_memory_mb: int
+    enforce_eager: bool
+    enable_prefix_caching: bool
+    backend: str  # auto | inproc | async
+    cpus: str | None  # CPU cores for the engine (e.g. "0" or "0-3"); None: vLLM's default binding
+    extra: dict
 
 
 def _on_gpu() -> bool:

@@ -173,10 +173,12 @@ class _Lane:
 class EnvPool:
     """Asyncio client over `num_actors` EnvHost actors (see the module docstring)."""
 
-    def __init__(self, name: str | None, target: str | None, kwargs: dict | None, num_actors: int = 2,
-                 envs_per_actor: int = 1024, num_cpus_per_actor: float = 0.1, step_timeout_s: float = 30.0,
-                 call_timeout_s: float = 60.0, max_inflight_calls: int = 2, placement: str = "SPREAD",
-                 actor_options: dict | None = None, placement_timeout_s: float = 120.0):
+    def __init__(self, name: str | None, target: str | None, kwargs: dict | None, *, num_actors: int,
+                 envs_per_actor: int, num_cpus_per_actor: float, step_timeout_s: float, call_timeout_s: float,
+                 placement: str, max_inflight_calls: int = 2, actor_options: dict | None = None,
+                 placement_timeout_s: float = 120.0):
+        """The env.* arguments come from the config (rl/settings.py env_pool); the rest are pool
+        internals with no config key."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 

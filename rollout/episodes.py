@@ -33,14 +33,15 @@ from rollout.env_pool import EnvFailure, EnvPool
 
 @dataclass
 class RolloutSettings:
-    group_size: int = 8
-    max_tokens: int = 16  # per turn
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_turns: int = 1
-    max_context: int = 1024  # prompt + all turns, in tokens
-    max_retries: int = 1
-    max_inflight: int = 4096  # live episodes at once (backpressure)
+    """Built from `rollout.*` (or `eval.*`) by rl/settings.py, where the defaults live."""
+    group_size: int
+    max_tokens: int  # per turn
+    temperature: float
+    top_p: float
+    max_turns: int
+    max_context: int  # prompt + all turns, in tokens
+    max_retries: int
+    max_inflight: int  # live episodes at once (backpressure)
 
 
 def sample_seed(env_seed: int, index: int, attempt: int) -> int:

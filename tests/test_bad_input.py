@@ -240,22 +240,24 @@ def test_bad_observations_are_contract_errors():
 def rollout(ray_cluster, tiny_path):
     """(engine, tokenizer) of a tiny fp32 Qwen3 policy, shared by the tests below."""
     from policies.build import load_tokenizer
-    from rollout.engine import EngineConfig, VLLMEngine
+    from rl.settings import engine_config
+    from rollout.engine import VLLMEngine
 
     path = tiny_path("qwen3")
-    engine = ray_cluster.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=path, dtype="float32"))
+    engine = ray_cluster.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype="float32", max_model_len=1024))
     ray_cluster.get(engine.ready.remote())
     return engine, load_tokenizer(path)
 
 
 def run_episodes(rollout, target: str, seeds: list[int], **settings):
-    from rollout.env_pool import EnvPool
-    from rollout.episodes import EpisodeRunner, RolloutSettings
+    from rl.config import EnvConfig
+    from rl.settings import env_pool, rollout_settings
+    from rollout.episodes import EpisodeRunner
 
     engine, tok = rollout
-    pool = EnvPool(None, target, {}, num_actors=1)
+    pool = env_pool(EnvConfig(name=None, _target_=target, num_actors=1))
     try:
-        runner = EpisodeRunner(pool, [engine], tok, RolloutSettings(group_size=4, **settings))
+        runner = EpisodeRunner(pool, [engine], tok, rollout_settings(**{"group_size": 4, "max_tokens": 16, "max_context": 1024, **settings}))
         return runner, runner.run(seeds=seeds)
     finally:
         pool.shutdown()

@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 from policies.checkpoint import (TEXT_PREFIX, Layout, checkpoint_state_dict, engine_layout, layout_of, save_in_layout,
                                  saved_names, to_checkpoint_names)
 from common.net import free_port
-from rl.learner import AlgoSettings, Learner, LearnerSettings
-from rollout.engine import EngineConfig, VLLMEngine
+from rl.learner import Learner
+from rl.settings import algo_settings, learner_settings
+from rollout.engine import VLLMEngine
+from rl.settings import engine_config
 from tests.test_weight_sync import probe_batch
 
 
@@ -109,7 +111,7 @@ def test_saved_in_the_published_layout(published, case):
 
 
 def _learner(path: str, zero_stage: int = 2) -> Learner:
-    return Learner(path, LearnerSettings(zero_stage=zero_stage, micro_batch_size=8, lr=1e-2), AlgoSettings(),
+    return Learner(path, learner_settings(zero_stage=zero_stage, micro_batch_size=8, lr=1e-2), algo_settings(),
                    0, 1, "127.0.0.1", free_port(), 8)
 
 
@@ -148,7 +150,7 @@ def test_learner_load_with_unmapped_names_fails_naming_them(published, tmp_path)
 # -- engines: load the published layouts, then a learner step and a sync -------------------------
 def _engine(ray, path: str):
     extra = {"language_model_only": True} if engine_layout(path).prefixed else {}  # no processor in tiny folders
-    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=path, dtype="auto", max_model_len=256,
+    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype="auto", max_model_len=256,
                                                                    kv_cache_memory_mb=128, extra=extra))
     assert ray.get(eng.ready.remote())["dtype"] == "bfloat16"
     return eng
@@ -183,7 +185,7 @@ def test_engine_loads_published_layout_and_sync_is_exact(ray_cluster, published,
     seqs, batch = probe_batch()
     eng = _engine(ray, folder)
     learner = ray.remote(num_cpus=0.25)(Learner).remote(
-        folder, LearnerSettings(zero_stage=zero_stage, micro_batch_size=8, lr=1e-2), AlgoSettings(), 0, 1,
+        folder, learner_settings(zero_stage=zero_stage, micro_batch_size=8, lr=1e-2), algo_settings(), 0, 1,
         "127.0.0.1", free_port(), 8)
     before = torch.tensor(ray.get(eng.score.remote(seqs)))
     learner_lp = ray.get(learner.compute_logprobs.remote(batch))

@@ -56,7 +56,7 @@ def two_node_cluster(tmp_path_factory):
 
 def make_cfg(cache_dir, *overrides):
     from rl.config import TrainConfig
-    from rl.train import compose
+    from rl.cli import compose
 
     cfg = OmegaConf.to_object(compose([*SMALL, f"cache_dir={cache_dir}", *overrides]))
     assert isinstance(cfg, TrainConfig)
@@ -76,9 +76,9 @@ def run_steps(cfg, run_dir, steps: int):
     ctl = Controller(cfg, run_dir)
     try:
         ctl.start()
-        assert ctl._owns_ray  # it joined the cluster itself (no ray.init left over from elsewhere)
+        assert ctl.actors.owns_ray  # it joined the cluster itself (no ray.init left over from elsewhere)
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        env_nodes = [d["node_id"] for d in ctl.env_pool.describe()]
+        env_nodes = [d["node_id"] for d in ctl.actors.env_pool.describe()]
         metrics = [ctl.train_step() for _ in range(steps)]
     finally:
         ctl.close()
@@ -109,7 +109,7 @@ def test_train_step_with_env_actors_on_both_nodes(two_node_cluster, cache_dir, t
 def test_null_address_joins_the_running_cluster(two_node_cluster, cache_dir, tmp_path, monkeypatch):
     """`ray.address=null` (the default) joins the cluster found through RAY_ADDRESS or the address a
     running cluster recorded (what `ray start` does), instead of starting a local instance."""
-    from rl.controller import cluster_address
+    from rl.cluster import cluster_address
 
     cluster = two_node_cluster
     port = cluster.address.rsplit(":", 1)[1]

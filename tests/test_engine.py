@@ -5,7 +5,8 @@ import asyncio
 import pytest
 from safetensors.torch import load_file
 
-from rollout.engine import EngineConfig, engine_actor
+from rollout.engine import engine_actor
+from rl.settings import engine_config
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,7 @@ def qwen3_5(tiny_path):
 
 
 def _engine(ray, path, backend):
-    eng = engine_actor(num_cpus=0.5).remote(EngineConfig(model=path, backend=backend))
+    eng = engine_actor(num_cpus=0.5).remote(engine_config(model=path, backend=backend))
     info = ray.get(eng.ready.remote())
     assert info["backend"] == backend
     return eng
@@ -59,7 +60,7 @@ def test_seeded_samples_do_not_depend_on_chunked_prefill(ray_cluster, qwen3_5):
     outs = {}
     for budget in (None, 32):
         extra = {"max_num_batched_tokens": budget} if budget else {}
-        eng = engine_actor(num_cpus=0.5).remote(EngineConfig(model=qwen3_5, backend="inproc", extra=extra))
+        eng = engine_actor(num_cpus=0.5).remote(engine_config(model=qwen3_5, backend="inproc", extra=extra))
         ray.get(eng.ready.remote())
         outs[budget] = ray.get([eng.generate_one.remote(p, 6, 1.0, 1.0, 1000 + i) for i, p in enumerate(prompts)])
         ray.kill(eng)

@@ -5,7 +5,7 @@ import dataclasses
 
 from omegaconf import OmegaConf
 
-from rl.train import compose
+from rl.cli import compose
 
 
 def test_gpu_preset_enables_prefix_caching_with_aligned_mamba_cache():

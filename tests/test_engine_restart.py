@@ -38,7 +38,7 @@ def test_killed_engine_is_restarted_resynced_and_its_episodes_retried(cache_dir,
 
     from common.errors import RunError
     from rl.controller import Controller
-    from rl.train import compose
+    from rl.cli import compose
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # Ray workers import this checkout
     monkeypatch.setenv("TMPDIR", str(tmp_path))
@@ -62,15 +62,15 @@ def test_killed_engine_is_restarted_resynced_and_its_episodes_retried(cache_dir,
         assert m1["rollout/episodes"] == 16 and m1["env/failed_episodes"] == 0  # nothing lost
         assert m1["rollout/engine_restarts"] == 1  # 16 concurrent failures, one restart
         assert m1["rollout/engine_retried_episodes"] > 0 and m1["env/retries"] == 0  # env budget untouched
-        (restart,) = ctl.engine_pool.history
+        (restart,) = ctl.actors.engine_pool.history
         assert restart["engine"] == 0 and "ActorDiedError" in restart["error"]
         assert restart["version"] == m0["policy/version"] == 1  # adopted the learner's version
         # step 1 was sampled from the learner's version-1 weights, not the initial ones (lr moved them)
         assert m1["mismatch/kl"] < max(10 * m0["mismatch/kl"], 1e-5), (m0["mismatch/kl"], m1["mismatch/kl"])
         assert m1["mismatch/max_abs_logprob_diff"] < 1e-3
         assert m1["async/staleness_max"] == 0  # ... and every token is tagged version 1
-        assert not ctl.engine_pool.replace(0, 0, "late failure of the old engine")  # that death is handled
-        assert ctl.engine_pool.restarts == 1
+        assert not ctl.actors.engine_pool.replace(0, 0, "late failure of the old engine")  # that death is handled
+        assert ctl.actors.engine_pool.restarts == 1
         new_pid = ray.get(ctl.engines[0].__ray_call__.remote(lambda engine: os.getpid()))
         assert new_pid != old_pid and ctl.runner.engine.engines is ctl.engines  # one shared list
         # the sync after step 1 went to the new engine

@@ -40,11 +40,13 @@ def test_env_that_raises_or_hangs_fails_only_its_own_episode(ray_cluster, tmp_pa
     their own episodes; the other envs of the same batch go on, and the actor is not replaced."""
     import asyncio
 
-    from rollout.env_pool import EnvFailure, EnvPool
+    from rl.config import EnvConfig
+    from rl.settings import env_pool
+    from rollout.env_pool import EnvFailure
 
-    pool = EnvPool(None, "tests.helpers.bad_envs:FaultInjectionEnv",
-                   {"marker_dir": str(tmp_path), "faults": {0: "raise", 1: "hang"}},
-                   num_actors=1, step_timeout_s=1.0, call_timeout_s=30.0)
+    pool = env_pool(EnvConfig(name=None, _target_="tests.helpers.bad_envs:FaultInjectionEnv",
+                              kwargs={"marker_dir": str(tmp_path), "faults": {0: "raise", 1: "hang"}},
+                              num_actors=1, step_timeout_s=1.0, call_timeout_s=30.0))
 
     async def play(seed):
         handle, _, _ = await pool.reset(seed)

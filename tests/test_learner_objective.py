@@ -5,7 +5,8 @@ import torch
 
 from common.net import free_port
 from rl.critic import Critic
-from rl.learner import AlgoSettings, Learner, LearnerSettings
+from rl.learner import Learner
+from rl.settings import algo_settings, learner_settings
 from rollout.trajectory import Trajectory, collate
 
 N = 8
@@ -34,8 +35,8 @@ def model_path(tiny_path):
 
 
 def one_step(path, micro, loss_agg, entropy_coef=0.0):
-    s = LearnerSettings(micro_batch_size=micro, lr=1e-2, zero_stage=2)
-    learner = Learner(path, s, AlgoSettings(loss_agg=loss_agg, loss_norm_tokens=8, entropy_coef=entropy_coef),
+    s = learner_settings(micro_batch_size=micro, lr=1e-2, zero_stage=2)
+    learner = Learner(path, s, algo_settings(loss_agg=loss_agg, loss_norm_tokens=8, entropy_coef=entropy_coef),
                       0, 1, "127.0.0.1", free_port(), N)
     stats = learner.train(varied_batch())
     params = {n: p.detach().clone() for n, p in learner.engine.module.named_parameters()}
@@ -65,7 +66,7 @@ def test_entropy_bonus_changes_the_update(model_path):
 
 
 def test_critic_starts_at_zero_and_fits_returns(model_path):
-    critic = Critic(model_path, LearnerSettings(micro_batch_size=4, lr=1e-2, zero_stage=2), value_clip=None,
+    critic = Critic(model_path, learner_settings(micro_batch_size=4, lr=1e-2, zero_stage=2), value_clip=None,
                     master_port=free_port(), samples_per_step=N)
     batch = varied_batch(1)
     v0 = critic.values(batch)
@@ -84,8 +85,8 @@ def test_bf16_stage0_first_update_is_adams(model_path):
     not the ~0.74 lr left by the wrapper's start-up step on zero gradients), to bf16 rounding."""
     updates, norms = {}, {}
     for dtype, stage in (("float32", 2), ("bfloat16", 0)):
-        s = LearnerSettings(micro_batch_size=2, lr=1e-2, zero_stage=stage, dtype=dtype)
-        learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+        s = learner_settings(micro_batch_size=2, lr=1e-2, zero_stage=stage, dtype=dtype)
+        learner = Learner(model_path, s, algo_settings(), 0, 1, "127.0.0.1", free_port(), N)
         before = {n: p.detach().float().clone() for n, p in learner.engine.module.named_parameters()}
         norms[dtype] = learner.train(varied_batch())["train/grad_norm"]
         updates[dtype] = {n: p.detach().float() - before[n] for n, p in learner.engine.module.named_parameters()}
@@ -104,8 +105,8 @@ def test_bf16_stage0_first_update_is_adams(model_path):
 def test_bf16_stage0_skips_a_step_with_nan_gradients(model_path):
     """The one-sync inf/NaN check that replaces the wrapper's per-parameter one still skips a step whose
     gradients are not finite (weights unchanged) and lets a finite step through."""
-    s = LearnerSettings(micro_batch_size=4, lr=1e-2, zero_stage=0, dtype="bfloat16")
-    learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+    s = learner_settings(micro_batch_size=4, lr=1e-2, zero_stage=0, dtype="bfloat16")
+    learner = Learner(model_path, s, algo_settings(), 0, 1, "127.0.0.1", free_port(), N)
     checker = learner.engine.optimizer.overflow_checker
     assert checker.has_overflow_serial.__func__.__module__ == "rl.ds_worker"
     params = [p for p in learner.engine.module.parameters()]
@@ -131,8 +132,8 @@ def test_lean_stage0_step_equals_deepspeeds(model_path):
     and the same bf16 weights over two steps (the norm is summed in another order: ~1e-7 apart)."""
     runs = []
     for lean in (True, False):
-        s = LearnerSettings(micro_batch_size=2, lr=1e-2, zero_stage=0, dtype="bfloat16", grad_clip=1.0)
-        learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+        s = learner_settings(micro_batch_size=2, lr=1e-2, zero_stage=0, dtype="bfloat16", grad_clip=1.0)
+        learner = Learner(model_path, s, algo_settings(), 0, 1, "127.0.0.1", free_port(), N)
         opt = learner.engine.optimizer
         assert ("step" in vars(opt)) and opt.step.__func__.__name__ == "lean_unfused_step"
         if not lean:
@@ -151,14 +152,14 @@ def test_bench_baseline_keeps_deepspeeds_own_stage0_step(model_path):
     learner's own fixes back afterwards."""
     from bench.learner_gpu import deepspeed_stage0_step
 
-    s = LearnerSettings(micro_batch_size=2, lr=1e-2, zero_stage=0, dtype="bfloat16")
+    s = learner_settings(micro_batch_size=2, lr=1e-2, zero_stage=0, dtype="bfloat16")
     norms = []
     for baseline in (True, False):
         if baseline:
             with deepspeed_stage0_step():
-                learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+                learner = Learner(model_path, s, algo_settings(), 0, 1, "127.0.0.1", free_port(), N)
         else:
-            learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+            learner = Learner(model_path, s, algo_settings(), 0, 1, "127.0.0.1", free_port(), N)
         opt = learner.engine.optimizer
         assert not opt.optimizer.state  # the start-up step's Adam state is gone either way
         assert ("step" in vars(opt)) is not baseline

@@ -8,10 +8,12 @@ import torch
 
 from policies.lora import PACKED, LoraConfig, check_targets, sync_modules
 from common.net import free_port
-from rl.learner import AlgoSettings, Learner, LearnerSettings
+from rl.learner import Learner
+from rl.settings import algo_settings, learner_settings
 from tests.test_e2e import run_cli
 from tests.test_weight_sync import diff, probe_batch, sync
-from rollout.engine import EngineConfig, VLLMEngine
+from rollout.engine import VLLMEngine
+from rl.settings import engine_config
 
 PARITY_TOL = 1e-4
 
@@ -67,8 +69,8 @@ def test_only_adapters_train(tiny_path):
     """ZeRO-2, in-process: after two steps every base weight is bit-identical and the adapters moved;
     the optimizer holds only adapter parameters; exports carry HF names only (merged weights)."""
     path = tiny_path("qwen3_5")
-    s = LearnerSettings(micro_batch_size=8, lr=1e-2, zero_stage=2, lora=LoraConfig(rank=4))
-    learner = Learner(path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), 8)
+    s = learner_settings(micro_batch_size=8, lr=1e-2, zero_stage=2, lora=LoraConfig(rank=4))
+    learner = Learner(path, s, algo_settings(), 0, 1, "127.0.0.1", free_port(), 8)
     model = learner.engine.module
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -131,11 +133,11 @@ def test_synced_qwen3_5_engine_gets_the_merged_weights_and_keeps_the_rest(ray_cl
     ray = ray_cluster
     path = tiny_path(family)
     targets = ["q_proj", "in_proj_qkv", "out_proj", "gate_proj"]
-    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=path, dtype="auto"))
+    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype="auto"))
     assert ray.get(eng.ready.remote())["dtype"] == "bfloat16"
     learner = ray.remote(num_cpus=0.25)(Learner).remote(
-        path, LearnerSettings(micro_batch_size=8, lr=2e-2, zero_stage=2, lora=LoraConfig(rank=4, alpha=8, target_modules=targets)),
-        AlgoSettings(), 0, 1, "127.0.0.1", free_port(), 8)
+        path, learner_settings(micro_batch_size=8, lr=2e-2, zero_stage=2, lora=LoraConfig(rank=4, alpha=8, target_modules=targets)),
+        algo_settings(), 0, 1, "127.0.0.1", free_port(), 8)
     seqs, batch = probe_batch()
     w0 = ray.get(eng.named_weights.remote())
     scores0 = torch.tensor(ray.get(eng.score.remote(seqs)))
@@ -169,12 +171,12 @@ def test_zero3_two_ranks_engine_matches_learner_logprobs(ray_cluster, tiny_path)
     update and sync the engine's logprobs equal the learner's (merged weights == base + adapters)."""
     ray = ray_cluster
     path = tiny_path("qwen3")
-    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=path, dtype="float32"))
+    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype="float32"))
     ray.get(eng.ready.remote())
     port = free_port()
     cls = ray.remote(num_cpus=0.25)(Learner)
-    learners = [cls.remote(path, LearnerSettings(micro_batch_size=4, lr=2e-2, zero_stage=3, lora=LoraConfig(rank=4)),
-                           AlgoSettings(), r, 2, "127.0.0.1", port, 8) for r in range(2)]
+    learners = [cls.remote(path, learner_settings(micro_batch_size=4, lr=2e-2, zero_stage=3, lora=LoraConfig(rank=4)),
+                           algo_settings(), r, 2, "127.0.0.1", port, 8) for r in range(2)]
     seqs, batch = probe_batch()
     assert diff(ray, eng, learners, seqs, batch) < PARITY_TOL  # B = 0: merged == base at start
     for v in (1, 2):

@@ -6,9 +6,10 @@ import torch
 from envs import make_env
 from policies.build import load_tokenizer
 from rollout.trajectory import collate
-from rollout.engine import EngineConfig, VLLMEngine
-from rollout.env_pool import EnvPool
-from rollout.episodes import EpisodeRunner, RolloutSettings
+from rl.config import EnvConfig
+from rl.settings import engine_config, env_pool, rollout_settings
+from rollout.engine import VLLMEngine
+from rollout.episodes import EpisodeRunner
 
 
 def test_guess_number_rewards_and_feedback():
@@ -33,10 +34,10 @@ def test_multiturn_token_bookkeeping_with_real_engine(ray_cluster, tiny_path):
     ray = ray_cluster
     path = tiny_path("qwen3")  # fp32 engine: sampling logprobs can be compared to a rescore exactly
     tok = load_tokenizer(path)
-    engine = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=path, dtype="float32"))
+    engine = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype="float32", max_model_len=1024))
     ray.get(engine.ready.remote())
-    pool = EnvPool("guess_number", None, {"max_turns": 3}, num_actors=2)
-    runner = EpisodeRunner(pool, [engine], tok, RolloutSettings(group_size=4, max_tokens=3, max_turns=3))
+    pool = env_pool(EnvConfig(name="guess_number", kwargs={"max_turns": 3}, num_actors=2))
+    runner = EpisodeRunner(pool, [engine], tok, rollout_settings(group_size=4, max_tokens=3, max_turns=3, max_context=1024))
     trajs = runner.run(seeds=[0, 1, 2, 3])
     assert len(trajs) == 16 and runner.stats["env/failed_episodes"] == 0
     multi = [t for t in trajs if t.turns > 1]

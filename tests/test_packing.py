@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from policies.gdn_varlen import varlen_causal_conv
 from common.net import free_port
-from rl.learner import AlgoSettings, Learner, LearnerSettings
+from rl.learner import Learner
+from rl.settings import algo_settings, learner_settings
 from rl.logprobs import token_logprobs
 from rl.packing import no_masks, pack, packed_token_logprobs, prepare
 from tests.test_learner_objective import N, varied_batch
@@ -167,8 +168,8 @@ def test_learner_packed_and_padded_give_the_same_update(model_path):
     """Real DeepSpeed learner, scoring and one update, with and without packing."""
     results = []
     for packing in (False, True):
-        s = LearnerSettings(micro_batch_size=4, lr=1e-2, zero_stage=2, packing=packing)
-        learner = Learner(model_path, s, AlgoSettings(), 0, 1, "127.0.0.1", free_port(), N)
+        s = learner_settings(micro_batch_size=4, lr=1e-2, zero_stage=2, packing=packing)
+        learner = Learner(model_path, s, algo_settings(), 0, 1, "127.0.0.1", free_port(), N)
         assert learner.packing is packing
         batch = varied_batch()
         old_lp, stats = learner.score(batch)

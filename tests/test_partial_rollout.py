@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rollout.engine import EngineConfig, engine_actor
+from rollout.engine import engine_actor
+from rl.settings import engine_config
 
 TOKENS = 400
 
@@ -17,7 +18,7 @@ TOKENS = 400
 def test_versions_and_logprobs_across_a_mid_flight_update(ray_cluster, tiny_path, backend):
     ray = ray_cluster
     path = tiny_path("qwen3")
-    eng = engine_actor(num_cpus=0.5).remote(EngineConfig(model=path, backend=backend, max_model_len=512))
+    eng = engine_actor(num_cpus=0.5).remote(engine_config(model=path, backend=backend, max_model_len=512))
     ray.get(eng.ready.remote())
     prompts = [[1, 5 + i, 6, 7] for i in range(12)]
     old = ray.get(eng.score.remote([p + [9, 10] for p in prompts]))  # warm-up + reference point

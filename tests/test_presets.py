@@ -23,7 +23,7 @@ def test_every_size_has_a_preset():
 @pytest.mark.parametrize("name", NAMES)
 def test_preset_composes_with_its_typed_shape(name):
     from rl.config import TrainConfig
-    from rl.train import compose
+    from rl.cli import compose
 
     cfg = OmegaConf.to_object(compose([f"policy={name}"]))
     assert isinstance(cfg, TrainConfig) and isinstance(cfg.policy.shape, ModelShape)
@@ -40,7 +40,7 @@ def test_cli_prints_the_preset(tmp_path):
 
 
 def test_a_misspelt_shape_key_fails_to_compose():
-    from rl.train import compose, explain_config_error
+    from rl.cli import compose, explain_config_error
 
     with pytest.raises(Exception) as e:
         compose(["policy=qwen3_5_4b", "policy.shape.hiden_size=1"])
@@ -140,7 +140,7 @@ def test_run_with_a_mismatching_folder_fails_at_start(folder_9b, tmp_path):
 def test_gpu_learner_and_rollout_presets_compose_typed():
     """conf/learner/gpu.yaml and conf/rollout/gpu.yaml use only keys the typed config has."""
     from rl.config import TrainConfig
-    from rl.train import compose
+    from rl.cli import compose
 
     cfg = OmegaConf.to_object(compose(["learner=gpu", "rollout=gpu"]))
     assert isinstance(cfg, TrainConfig)

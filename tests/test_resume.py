@@ -88,8 +88,8 @@ def test_learner_rank_death_stops_the_run_naming_the_last_checkpoint(tmp_path, c
 
     from rl.config import TrainConfig
     from common.errors import RunError
-    from rl.controller import run_training
-    from rl.train import compose
+    from rl.run import run_training
+    from rl.cli import compose
 
     cfg = OmegaConf.to_object(compose([*SMALL, "learner.num_ranks=2", "learner.num_cpus_per_rank=0.25", "checkpoint.every=2", "checkpoint.hf=false",
                                        f"cache_dir={cache_dir}", f"ray.temp_dir={short_tmp()}"]))

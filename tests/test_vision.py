@@ -143,14 +143,16 @@ def test_engine_generates_from_images_learner_matches_and_vision_weights_sync(ra
     fp32 learner), and only with the images and the multimodal RoPE positions; a sync of perturbed
     vision-tower weights reaches the engine under the names vLLM expects, bit for bit."""
     from policies.build import auto_model_class
-    from rl.learner import AlgoSettings, Learner, LearnerSettings
+    from rl.learner import Learner
+    from rl.settings import algo_settings, learner_settings
     from rl.logprobs import token_logprobs
     from policies.vision import model_inputs
-    from rollout.engine import EngineConfig, VLLMEngine
+    from rollout.engine import VLLMEngine
+    from rl.settings import engine_config
 
     ray = ray_cluster
     tok, _ = vl_parts
-    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=vl_path, max_model_len=256))
+    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=vl_path, max_model_len=256))
     assert ray.get(eng.ready.remote())["dtype"] == "bfloat16"
     n_prompts, n = 6, 4
     prompts = _prompts(vl_parts, range(n_prompts))
@@ -167,7 +169,7 @@ def test_engine_generates_from_images_learner_matches_and_vision_weights_sync(ra
     batch = collate(trajs, tok.pad_token_id)
     B = len(trajs)
     learner = ray.remote(num_cpus=0.25)(Learner).remote(
-        vl_path, LearnerSettings(micro_batch_size=8, lr=1e-2), AlgoSettings(), 0, 1, "127.0.0.1", free_port(), B)
+        vl_path, learner_settings(micro_batch_size=8, lr=1e-2), algo_settings(), 0, 1, "127.0.0.1", free_port(), B)
     _, stats = ray.get(learner.score.remote(batch))
     print("VL mismatch on sampled tokens:", {k: round(v, 5) for k, v in stats.items()})
     assert stats["train/policy_tokens"] >= B
@@ -215,7 +217,7 @@ def test_engine_generates_from_images_learner_matches_and_vision_weights_sync(ra
     export = str(tmp_path / "export")
     assert ray.get(learner.save_hf.remote(export, vl_path)) == export  # an HF VL checkpoint with its processor
     ray.kill(learner)
-    fresh = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=str(export), max_model_len=256))
+    fresh = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=str(export), max_model_len=256))
     ray.get(fresh.ready.remote())
     reference = ray.get(fresh.named_weights.remote())
     ray.kill(fresh)
@@ -230,7 +232,8 @@ def test_learner_updates_train_the_vision_path(ray_cluster, vl_path, vl_parts):
     """The learner's policy-gradient updates flow through the images: with advantage +1 on the right
     letter (a supervised signal through the RL loss), the probability of the right letter on held-out
     images goes past what any image-blind policy can reach (the most frequent colour's share, ~0.4)."""
-    from rl.learner import AlgoSettings, Learner, LearnerSettings
+    from rl.learner import Learner
+    from rl.settings import algo_settings, learner_settings
 
     ray = ray_cluster
     tok, _ = vl_parts
@@ -247,7 +250,7 @@ def test_learner_updates_train_the_vision_path(ray_cluster, vl_path, vl_parts):
         return b, colors
 
     learner = ray.remote(num_cpus=0.25)(Learner).remote(
-        vl_path, LearnerSettings(micro_batch_size=32, lr=2e-3), AlgoSettings(), 0, 1, "127.0.0.1", free_port(), 32)
+        vl_path, learner_settings(micro_batch_size=32, lr=2e-3), algo_settings(), 0, 1, "127.0.0.1", free_port(), 32)
     held, colors = batch(range(10_000, 10_048))
 
     def p_right():

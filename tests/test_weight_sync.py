@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from common.net import free_port
-from rl.learner import AlgoSettings, Learner, LearnerSettings
+from rl.learner import Learner
+from rl.settings import algo_settings, learner_settings
 from rollout.trajectory import Trajectory, collate
-from rollout.engine import EngineConfig, VLLMEngine
+from rollout.engine import VLLMEngine
+from rl.settings import engine_config
 
 PARITY_TOL = 1e-4  # per token, nats
 
@@ -29,12 +31,12 @@ def probe_batch():
 
 
 def start(ray, path, dtype, ranks=1, zero=2, n=8):
-    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=path, dtype=dtype))
+    eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype=dtype))
     info = ray.get(eng.ready.remote())
     port = free_port()
     cls = ray.remote(num_cpus=0.25)(Learner)
-    learners = [cls.remote(path, LearnerSettings(micro_batch_size=n // ranks, lr=1e-2, zero_stage=zero),
-                           AlgoSettings(), r, ranks, "127.0.0.1", port, n) for r in range(ranks)]
+    learners = [cls.remote(path, learner_settings(micro_batch_size=n // ranks, lr=1e-2, zero_stage=zero),
+                           algo_settings(), r, ranks, "127.0.0.1", port, n) for r in range(ranks)]
     return eng, info, learners
 
 
@@ -114,7 +116,7 @@ def test_zero3_two_ranks_sync_gives_the_engine_exactly_the_gathered_weights(ray_
     model.load_state_dict(gathered, strict=False)
     model.save_pretrained(export)
     AutoTokenizer.from_pretrained(path).save_pretrained(export)
-    fresh = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=str(export), dtype="float32"))
+    fresh = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=str(export), dtype="float32"))
     ray.get(fresh.ready.remote())
     reference = ray.get(fresh.named_weights.remote())
     ray.kill(fresh)
@@ -140,7 +142,7 @@ def test_qwen3_5_synced_engine_equals_fresh_engine(ray_cluster, tiny_path, tmp_p
     export = str(tmp_path / "export")
     ray.get(learners[0].save_hf.remote(export, path))
     ray.kill(eng)
-    fresh = ray.remote(num_cpus=0.5)(VLLMEngine).remote(EngineConfig(model=export, dtype="auto"))
+    fresh = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=export, dtype="auto"))
     ray.get(fresh.ready.remote())
     fresh_scores = torch.tensor(ray.get(fresh.score.remote(seqs)))
     assert (synced - fresh_scores).abs().max().item() < 1e-6
@@ -158,7 +160,7 @@ def test_zero3_two_ranks_qwen3_5_trains_every_parameter(ray_cluster, tiny_path, 
     path = tiny_path(family)
     port = free_port()
     cls = ray.remote(num_cpus=0.25)(Learner)
-    learners = [cls.remote(path, LearnerSettings(micro_batch_size=4, lr=1e-2, zero_stage=3), AlgoSettings(),
+    learners = [cls.remote(path, learner_settings(micro_batch_size=4, lr=1e-2, zero_stage=3), algo_settings(),
                            r, 2, "127.0.0.1", port, 8) for r in range(2)]
     _, batch = probe_batch()
     before = ray.get([x.hf_state_dict.remote() for x in learners])[0]
