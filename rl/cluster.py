@@ -89,8 +89,12 @@ def start_env_pool(env_cfg):
 class RunActors:
     """The Ray actors of one training run (and the Ray instance, if the run started it)."""
 
-    def __init__(self, cfg: TrainConfig, policy_path: str):
+    def __init__(self, cfg: TrainConfig, policy_path: str, engines: list | None = None):
+        """`engines`: running engine actors of this policy and rollout config to use instead of
+        starting new ones (kept alive at close; the controller loads the run's initial weights
+        into them first)."""
         self.cfg, self.policy_path = cfg, policy_path
+        self.borrowed_engines = list(engines or [])
         self.owns_ray = False
         self.env_pool = self.engine_pool = None
         self.engines: list = []  # EnginePool.engines: replaced in place when an engine restarts
@@ -113,10 +117,13 @@ class RunActors:
         self.owns_ray = start_ray(cfg, tmp, cache_root)
         self.env_pool = start_env_pool(cfg.env)
         transport = get_transport(l.sync_transport)
-        self.engine_pool = EnginePool.start(
-            engine_actor(r.engine_num_cpus), [engine_config(cfg, self.policy_path, i) for i in range(r.num_engines)],
-            resync=resync, max_restarts=r.max_engine_restarts,
-            cannot_restart=None if transport.engines_restartable else transport.no_restart_reason)
+        configs = [engine_config(cfg, self.policy_path, i) for i in range(r.num_engines)]
+        if self.borrowed_engines and len(self.borrowed_engines) != r.num_engines:
+            raise ValueError(f"{len(self.borrowed_engines)} running engines given for rollout.num_engines={r.num_engines}")
+        actor_cls = engine_actor(r.engine_num_cpus)
+        self.engine_pool = EnginePool(self.borrowed_engines or [actor_cls.remote(c) for c in configs], configs, actor_cls,
+                                      resync=resync, max_restarts=r.max_engine_restarts,
+                                      cannot_restart=None if transport.engines_restartable else transport.no_restart_reason)
         self.engines = self.engine_pool.engines
         batch = r.prompts_per_step * r.group_size
         ls = learner_settings(cfg)
@@ -182,7 +189,10 @@ class RunActors:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        borrowed = {id(h) for h in self.borrowed_engines}
         for h in self.engines + self.learners + self.critic + ([self.ref] if self.ref is not None else []):
+            if id(h) in borrowed:
+                continue
             try:
                 ray.kill(h)
             except Exception:  # noqa: BLE001 - already gone

@@ -39,14 +39,15 @@ def as_train_config(cfg) -> TrainConfig:
 
 
 class Controller:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, engines: list | None = None):
+        """`engines`: running engine actors to use instead of starting new ones (rl/cluster.py)."""
         self.cfg = cfg = as_train_config(cfg)
         validate(cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         inputs = check_inputs(cfg)  # bad inputs fail here, before Ray or any model starts
         self.policy_path, self.tokenizer, self.processor = inputs.policy_path, inputs.tokenizer, inputs.processor
-        self.actors = RunActors(cfg, self.policy_path)
+        self.actors = RunActors(cfg, self.policy_path, engines)
         self.step = 0
         self.version = 0  # the learner's policy version
         self.engine_version = 0  # the version the engines hold
@@ -72,6 +73,8 @@ class Controller:
         self.batches = BatchAssembler(self.cfg, self.runner, on_errors=self._log_env_errors)
         self.evaluator = Evaluator(self.cfg, self.runner, self.run_dir)  # eval.every: held-out seeds, rl/eval.py
         self.schedule = SCHEDULES[self.cfg.trainer.mode](self)
+        if self.actors.borrowed_engines:  # they hold another run's weights and version: load this run's first
+            self.sync_weights(interrupt=False)
 
     @property
     def learners(self) -> list:

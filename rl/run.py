@@ -64,15 +64,16 @@ def write_report(run_dir: Path) -> None:
         print(f"[qrl] no report written ({type(e).__name__}: {e}); later: python -m rl.report {run_dir}", flush=True)
 
 
-def run_training(cfg, run_dir: str | Path, on_step=None) -> Path:
+def run_training(cfg, run_dir: str | Path, on_step=None, engines: list | None = None) -> Path:
     """Full run (or the rest of one, with `resume`): returns the path of metrics.jsonl.
-    `on_step(controller, metrics)` is called after every logged step."""
+    `on_step(controller, metrics)` is called after every logged step. `engines`: running engine
+    actors of this policy and rollout config to use (and leave running) instead of new ones."""
     import ray
 
     cfg = as_train_config(cfg)
     run_dir = Path(run_dir)
     resume_from = ck.resolve_resume(cfg.resume) if cfg.resume else None  # a bad path fails before anything starts
-    ctl = Controller(cfg, run_dir)
+    ctl = Controller(cfg, run_dir, engines)
     state = ck.read_state(resume_from) if resume_from else {}
     first = state.get("step", 0)
     if resume_from:  # steps logged after the checkpoint are run again: drop their rows
