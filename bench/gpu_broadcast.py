@@ -1,7 +1,7 @@
 """Broadcast weight sync over NCCL between two GPUs, with the platform's own transfer code
-(rl/weight_transfer.py): rank 0 (the learner's role) packs a Qwen3.5-0.8B-shaped bf16 state dict
-into size-capped buckets and broadcasts them; rank 1 (the engine worker's role) receives, unpacks
-and copies every tensor into its own parameter. Checked exact (per-tensor checksums), timed
+(sync/broadcast.py, sync/buckets.py): rank 0 (the learner's role) packs a Qwen3.5-0.8B-shaped bf16
+state dict into size-capped buckets and broadcasts them; rank 1 (the engine worker's role) receives,
+unpacks and copies every tensor into its own parameter. Checked exact (per-tensor checksums), timed
 against a device-to-device copy and a GPU0 -> GPU1 peer copy of the same bytes in the same run.
 vLLM itself is too large to carry to the GPU machine, so the receiver is a plain process.
 
@@ -42,7 +42,8 @@ def shapes() -> dict[str, tuple]:
 
 
 def _rank(rank: int, port: int, out) -> None:
-    from rl.weight_transfer import SendBuffer, broadcast, init_group, unpack
+    from sync.broadcast import broadcast, init_group
+    from sync.buckets import SendBuffer, unpack
 
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
@@ -104,7 +105,7 @@ def _rank(rank: int, port: int, out) -> None:
 
 
 def _send(group, buf, meta, nbytes, dev):
-    from rl.weight_transfer import broadcast
+    from sync.broadcast import broadcast
 
     meta_bytes = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8, device=dev)
     broadcast(group, torch.tensor([nbytes, meta_bytes.numel()], dtype=torch.int64, device=dev))
@@ -113,7 +114,7 @@ def _send(group, buf, meta, nbytes, dev):
 
 
 def _send_done(group, dev):
-    from rl.weight_transfer import broadcast
+    from sync.broadcast import broadcast
 
     broadcast(group, torch.tensor([-1, 0], dtype=torch.int64, device=dev))
 
@@ -143,7 +144,7 @@ def main() -> None:
     lines = [f"# NCCL broadcast weight sync, {result['gpu']} x2 (torch {result['torch']}, NCCL {result['nccl']})", "",
              "Command: `python bench/gpu_broadcast.py` (on the lent 2-GPU machine)", "",
              f"Qwen3.5-0.8B-shaped state dict: {send['params'] / 1e6:.0f}M parameters, {total / 1e9:.2f} GB bf16. "
-             "Sender packs size-capped buckets (rl/weight_transfer.py) and broadcasts; receiver unpacks and copies into "
+             "Sender packs size-capped buckets (sync/buckets.py) and broadcasts; receiver unpacks and copies into "
              f"its parameters. Exact (per-tensor checksums equal): **{exact}**.", "",
              f"Baselines, same run: device-to-device copy {result['d2d_copy_GBps']:.0f} GB/s, GPU0 -> GPU1 peer copy "
              f"{result['peer_copy_GBps']:.0f} GB/s.", "",

@@ -67,16 +67,19 @@ def main() -> None:
         path = resolve_policy_path("tiny:bench", asdict(spec), tmp / "cache")
         eng = engine_actor(num_cpus=1).remote(engine_config(model=path, dtype="float32", max_model_len=256))
         ray.get(eng.ready.remote())
-        learner = ray.remote(num_cpus=1)(Learner).remote(path, learner_settings(micro_batch_size=1, zero_stage=2),
-                                                          algo_settings(), 0, 1, "127.0.0.1", free_port(), 1)
-        ray.get(learner.init_transfer.remote([eng]))
         res = {}
         version = 0
-        for transport, method in (("object_store", "push_weights"), ("broadcast", "push_weights_broadcast")):
+        for transport in ("object_store", "broadcast"):  # a learner per transport (learner.sync_transport)
+            settings = learner_settings(micro_batch_size=1, zero_stage=2, sync_transport=transport,
+                                        sync_bucket_mb=BUCKET_MB)
+            learner = ray.remote(num_cpus=1)(Learner).remote(path, settings, algo_settings(), 0, 1, "127.0.0.1",
+                                                              free_port(), 1)
+            ray.get(learner.connect_engines.remote([eng]))
             runs = []
             for _ in range(REPEATS):
                 version += 1
-                runs.append(ray.get(getattr(learner, method).remote([eng], version, BUCKET_MB)))
+                runs.append(ray.get(learner.push_weights.remote([eng], version)))
+            ray.kill(learner)
             total = runs[0]["sync/bytes"]
             sync_s = statistics.median(r["sync/s"] for r in runs)
             load_s = statistics.median(r["sync/engine_load_s"] for r in runs)
@@ -91,7 +94,6 @@ def main() -> None:
                       "memcpy_s": copy_s, "memcpy_GBps": res["object_store"]["bytes"] / copy_s / 1e9, **res}
         print(name, json.dumps(rows[name]), flush=True)
         ray.kill(eng)
-        ray.kill(learner)
     ray.shutdown()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "weight_sync.json").write_text(json.dumps({"command": "python bench/weight_sync.py",

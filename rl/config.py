@@ -258,8 +258,10 @@ def validate(cfg: TrainConfig) -> None:
     validate_algorithm(cfg)
     validate_eval(cfg)
     t = cfg.trainer
-    if cfg.learner.sync_transport not in ("object_store", "broadcast"):
-        raise ValueError(f"learner.sync_transport={cfg.learner.sync_transport!r}; use object_store or broadcast")
+    from sync import bucket_bytes, get_transport
+
+    get_transport(cfg.learner.sync_transport)  # raises naming the bad value and the choices
+    bucket_bytes(cfg.learner.sync_bucket_mb)
     if r.max_engine_restarts < 0:
         raise ValueError(f"rollout.max_engine_restarts={r.max_engine_restarts}; use >= 0 (0: an engine death stops the run)")
     from rl.schedules import SCHEDULES

@@ -19,6 +19,7 @@ from rl.logprobs import token_logprobs
 from policies.vision import model_inputs as vision_inputs
 from rl.packing import packed_token_logprobs, supports_packing
 from rl.packing import prepare as prepare_packing
+from sync import bucket_bytes, get_transport
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Learner(DeepSpeedWorker):
             print("learner.fused_logprobs: " + (f"off ({why})" if why else "on (Triton LM head -> logprobs)"), flush=True)
         self.version = 0
         self.engine_layout = engine_layout(model_path)  # the names engines started from model_path load
+        self.transport = get_transport(settings.sync_transport)(self.device, bucket_bytes(settings.sync_bucket_mb))
 
     def _apply_lora(self, model) -> list[str]:
         """LoRA adapters (policies/lora.py): only they train; the optimizer gets only them."""
@@ -218,10 +220,11 @@ class Learner(DeepSpeedWorker):
             for n, p in module.named_parameters():
                 yield n, (_out(p, copy) if self.rank == 0 else None)
 
-    def iter_engine_weights(self, copy: bool = True):
-        """`iter_hf_weights(sync=True)` under the names the engines load (policies/checkpoint.py):
-        `model.language_model.*` for engines running a multimodal Qwen3.5 checkpoint."""
-        for name, t in self.iter_hf_weights(copy, sync=True):
+    def iter_engine_weights(self):
+        """`iter_hf_weights(copy=False, sync=True)` under the names the engines load
+        (policies/checkpoint.py): `model.language_model.*` for engines running a multimodal Qwen3.5
+        checkpoint. Each tensor is valid only until the next item (the transport copies it)."""
+        for name, t in self.iter_hf_weights(copy=False, sync=True):
             yield from to_checkpoint_names(name, t, self.engine_layout)
 
     def _zero3_gather(self, params: list):
@@ -233,99 +236,32 @@ class Learner(DeepSpeedWorker):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    def init_transfer(self, engines: list, backend: str | None = None) -> bool:
-        """Rank 0 forms a process group with every engine worker for broadcast weight sync
-        (`learner.sync_transport=broadcast`): gloo on CPU, NCCL on GPUs."""
-        if self.rank != 0:
-            return True
-        import socket
-
-        import ray
-
-        from rl.weight_transfer import init_group
-
-        backend = backend or ("nccl" if self.cuda else "gloo")
-        host = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        world = len(engines) + 1
-        refs = [e.init_transfer.remote(host, port, i + 1, world, backend) for i, e in enumerate(engines)]
-        self._transfer_group = init_group(host, port, 0, world, backend)
-        ray.get(refs)
+    def connect_engines(self, engines: list) -> bool:
+        """Once, on every rank, after the engines are ready: rank 0 sets up the weight-sync transport
+        to them (`learner.sync_transport`; broadcast forms its process group, the object store has
+        nothing to set up)."""
+        if self.rank == 0:
+            self.transport.connect(engines)
         return True
 
-    def push_weights_broadcast(self, engines: list, version: int, bucket_mb: float = 64.0,
-                               interrupt: bool = False) -> dict:
-        """Broadcast weights to every engine in buckets of at most `bucket_mb` MiB through the
-        transfer group; each (gathered) parameter is copied into the send buffer at once."""
-        import ray
-
-        from rl.weight_transfer import SendBuffer, broadcast
-
-        t0 = time.perf_counter()
-        sb = SendBuffer(int(bucket_mb * (1 << 20)), self.device) if self.rank == 0 else None
-        n_buckets, total = 0, 0
-
-        def flush():
-            nonlocal n_buckets, total
-            buf, meta, nbytes = sb.take()
-            refs = [e.receive_broadcast.remote(meta, nbytes, version) for e in engines]
-            broadcast(self._transfer_group, buf)
-            ray.get(refs)
-            n_buckets += 1
-            total += sum(m[4] for m in meta)
-
-        for name, t in self.iter_engine_weights(copy=False):
-            if self.rank != 0:
-                continue
-            if sb.used and not sb.fits(t):
-                flush()
-            sb.add(name, t)  # still inside the ZeRO-3 gather of its module
-        if self.rank != 0:
-            return {}
-        if sb.used:
-            flush()
-        commits = ray.get([e.commit_weights.remote(version, interrupt) for e in engines])
-        return {"sync/bytes": total, "sync/buckets": n_buckets, "sync/engine_load_s": max(c["load_s"] for c in commits),
-                "sync/inflight_requests": sum(c["inflight_at_commit"] for c in commits), "sync/s": time.perf_counter() - t0}
-
-    def push_weights(self, engines: list, version: int, bucket_mb: float = 64.0, interrupt: bool = False) -> dict:
-        """Stream weights to every engine in buckets of at most `bucket_mb` MiB, then commit.
-        Tensors travel in the learner's dtype and vLLM casts them: pre-casting fp32 to bf16 would
-        round parameters the engine keeps in fp32 (e.g. GDN's A_log)."""
+    def push_weights(self, engines: list, version: int, interrupt: bool = False) -> dict:
+        """Send the weights to `engines` through the transport (sync/), in buckets of at most
+        `learner.sync_bucket_mb` MiB, then have them load the weights and adopt `version`: once their
+        in-flight requests finish, or (interrupt) between two engine steps while those continue on
+        the new weights. Every rank calls (ZeRO-3 gathers are collective); rank 0 sends and returns
+        the stats, the others {}. Tensors travel in the learner's dtype and vLLM casts them:
+        pre-casting fp32 to bf16 would round parameters the engine keeps in fp32 (e.g. GDN's A_log)."""
         import ray
 
         t0 = time.perf_counter()
-        cap = int(bucket_mb * (1 << 20))
-        bucket, size, refs, n_buckets, total = [], 0, [], 0, 0
-
-        def flush():
-            nonlocal bucket, size, n_buckets
-            if bucket:
-                ref = ray.put(bucket)
-                refs.append([e.receive_bucket.remote(ref, version) for e in engines])
-                n_buckets += 1
-                while len(refs) > 2:  # at most 2 buckets in the object store at a time
-                    ray.get(refs.pop(0))
-            bucket, size = [], 0
-
-        for name, t in self.iter_engine_weights():
-            if self.rank != 0:
-                continue
-            nbytes = t.numel() * t.element_size()
-            if bucket and size + nbytes > cap:
-                flush()
-            bucket.append((name, t))
-            size += nbytes
-            total += nbytes
+        weights = self.iter_engine_weights()
         if self.rank != 0:
+            for _ in weights:  # take part in the gathers
+                pass
             return {}
-        flush()
-        for group in refs:
-            ray.get(group)
+        sent = self.transport.send(weights, engines, version)
         commits = ray.get([e.commit_weights.remote(version, interrupt) for e in engines])
-        return {"sync/bytes": total, "sync/buckets": n_buckets, "sync/engine_load_s": max(c["load_s"] for c in commits),
+        return {**sent, "sync/engine_load_s": max(c["load_s"] for c in commits),
                 "sync/inflight_requests": sum(c["inflight_at_commit"] for c in commits),
                 "sync/s": time.perf_counter() - t0}
 

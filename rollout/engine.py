@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from common.cpus import pin_to_cpus
 
@@ -313,19 +313,27 @@ class _AsyncLLMBackend:
         return out
 
     async def _rpc(self, method: str, args: tuple):
-        if method == "load_hf_weights":
+        if method == "receive_weights" and _is_bucket(args[1:]):
             # Tensors cannot travel through vLLM's engine-core -> worker RPC (it cannot pickle the
-            # zero-copy buffers it decodes), so they go through a file in shared memory.
-            # TODO(issue 5): NCCL / CUDA-IPC transfer on GPUs.
+            # zero-copy buffers it decodes), so a bucket of them goes through a file in shared memory.
             import tempfile
 
             from safetensors.torch import save_file
 
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             with tempfile.NamedTemporaryFile(suffix=".safetensors", dir=shm) as f:
-                save_file(_unshared(args[0]), f.name)
-                return await self.llm.collective_rpc("load_hf_weights_from_file", args=(f.name,))
+                save_file(_unshared(args[1]), f.name)
+                return await self.llm.collective_rpc("receive_weights_from_file", args=(args[0], f.name))
         return await self.llm.collective_rpc(method, args=args)
+
+
+def _is_bucket(message: tuple) -> bool:
+    """A transport message that is one list of (name, tensor) pairs (sync/object_store.py)."""
+    import torch
+
+    return (len(message) == 1 and isinstance(message[0], list)
+            and all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)
+                    for item in message[0]))
 
 
 def _unshared(named: list) -> dict:
@@ -353,9 +361,7 @@ class VLLMEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpus
             pin_to_cpus(cfg.cpus)
         self.version = 0
-        self._pending: list[tuple[str, Any]] = []
-        self._pending_version: int | None = None
-        self._pending_broadcast = False
+        self._receiving: int | None = None  # the version whose buckets the workers hold, until its commit
         self.inflight = 0
         self.image_token_id = _image_token_id(cfg.model)
         kwargs = dict(
@@ -423,53 +429,36 @@ class VLLMEngine:
         return [[out.prompt_logprobs[i][seq[i]].logprob for i in range(1, len(seq))]
                 for seq, out in zip(sequences, outs)]
 
-    # -- weight sync --------------------------------------------------------------------------
-    async def receive_bucket(self, bucket: list[tuple[str, Any]], version: int) -> int:
-        """Buffer one bucket of HF-named tensors of policy `version`."""
-        if self._pending_version not in (None, version):
-            raise RuntimeError(
-                f"weight bucket of version {version} arrived while version {self._pending_version} "
-                "was incomplete; a previous sync was interrupted"
-            )
-        self._pending_version = version
-        self._pending.extend(bucket)
-        return len(bucket)
-
-    async def commit_weights(self, version: int, interrupt: bool = False) -> dict:
-        """Load all buffered buckets, reset the prefix cache, and adopt `version`: once in-flight
-        requests finish (interrupt=False), or between two engine steps while they continue on the
-        new weights (interrupt=True: partial rollouts; their later tokens carry `version`)."""
-        if self._pending_version != version:
-            raise RuntimeError(f"commit of version {version} without its buckets (have {self._pending_version})")
-        t0 = time.perf_counter()
-        named = self._pending
-        self._pending, self._pending_version = [], None
-        inflight = self.inflight
-        if getattr(self, "_pending_broadcast", False):  # the tensors already sit in the worker
-            self._pending_broadcast = False
-            loaded = await self.backend.collective_rpc("load_received", (), version=version, interrupt=interrupt)
-        else:
-            loaded = await self.backend.collective_rpc("load_hf_weights", (named,), version=version, interrupt=interrupt)
-        self.version = version
-        return {"tensors": loaded[0], "load_s": time.perf_counter() - t0, "inflight_at_commit": inflight}
-
-    # -- weight sync by collective broadcast (rl/weight_transfer.py) -----------------------------
-    async def init_transfer(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        """Join the learner's transfer group (rank 0 = learner rank 0)."""
-        await self.backend.collective_rpc("init_transfer_group", (host, port, rank, world_size, backend),
-                                          reset_cache=False)
+    # -- weight sync (sync/: the learner sends through a transport, the worker receives) -------
+    async def join_transport(self, transport: str, *args) -> bool:
+        """The workers' part of the learner's `connect` of `transport` (broadcast: join its group)."""
+        await self.backend.collective_rpc("join_transport", (transport, *args), reset_cache=False)
         return True
 
-    async def receive_broadcast(self, meta: list, nbytes: int, version: int) -> int:
-        """Receive one broadcast bucket of `version` (between two engine steps: generation goes on
-        between buckets)."""
-        if self._pending_version not in (None, version):
-            raise RuntimeError(f"broadcast bucket of version {version} while version {self._pending_version} "
+    async def receive_weights(self, transport: str, version: int, *message) -> int:
+        """One bucket of policy `version`, as the learner sent it through `transport`: the workers
+        receive it between two engine steps (generation goes on) and keep its tensors until
+        `commit_weights`. Returns the number of tensors."""
+        if self._receiving not in (None, version):
+            raise RuntimeError(f"weight bucket of version {version} arrived while version {self._receiving} "
                                "was incomplete; a previous sync was interrupted")
-        self._pending_version = version
-        self._pending_broadcast = True
-        return (await self.backend.collective_rpc("receive_broadcast", (meta, nbytes), interrupt=True,
+        self._receiving = version
+        return (await self.backend.collective_rpc("receive_weights", (transport, *message), interrupt=True,
                                                   reset_cache=False))[0]
+
+    async def commit_weights(self, version: int, interrupt: bool = False) -> dict:
+        """Load all received buckets (vLLM `reload_weights`), reset the prefix cache, and adopt
+        `version`: once in-flight requests finish (interrupt=False), or between two engine steps
+        while they continue on the new weights (interrupt=True: partial rollouts; their later
+        tokens carry `version`)."""
+        if self._receiving != version:
+            raise RuntimeError(f"commit of version {version} without its buckets (have {self._receiving})")
+        t0 = time.perf_counter()
+        self._receiving = None
+        inflight = self.inflight
+        loaded = await self.backend.collective_rpc("load_received", (), version=version, interrupt=interrupt)
+        self.version = version
+        return {"tensors": loaded[0], "load_s": time.perf_counter() - t0, "inflight_at_commit": inflight}
 
     async def named_weights(self) -> dict:
         """The engine's parameters in vLLM's layout (tests: exact weight comparisons)."""

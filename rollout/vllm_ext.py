@@ -1,4 +1,5 @@
-"""vLLM worker extension: load HF-named weights sent by the learner into a running engine."""
+"""vLLM worker extension: receive the learner's weights (through a sync/ transport) and load them
+into a running engine."""
 from __future__ import annotations
 
 import logging
@@ -150,36 +151,38 @@ class WeightSyncExtension:
         self._refresh_tied_lm_head()
         return len(named_tensors)
 
-    def load_hf_weights_from_file(self, path: str) -> int:
-        """Same, from a safetensors file (for engines whose workers run in other processes:
-        vLLM's RPC path cannot pickle tensors it received zero-copy)."""
-        from safetensors.torch import load_file
-
-        return self.load_hf_weights(load_file(path).items())
-
-    # -- collective transfer (rl/weight_transfer.py): learner rank 0 broadcasts, workers receive --
-    def init_transfer_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        from rl.weight_transfer import init_group
-
-        self._transfer_group = init_group(host, port, rank, world_size, backend)
-        self._transfer_pending = []
+    # -- weight sync (sync/): each transport's receiving end in this worker; loaded on commit --------
+    def join_transport(self, transport: str, *args) -> bool:
+        self._transport(transport).join(*args)
         return True
 
-    def receive_broadcast(self, meta: list, nbytes: int) -> int:
+    def receive_weights(self, transport: str, *message) -> int:
         """Receive one bucket and keep its tensors until `load_received`."""
-        import torch
+        named = self._transport(transport).receive(*message)
+        self.__dict__.setdefault("_received", []).extend(named)
+        return len(named)
 
-        from rl.weight_transfer import broadcast, unpack
+    def receive_weights_from_file(self, transport: str, path: str) -> int:
+        """Same, for a bucket of tensors saved to a safetensors file (engines whose workers run in
+        other processes: vLLM's RPC path cannot pickle tensors it received zero-copy)."""
+        from safetensors.torch import load_file
 
-        device = "cpu" if self.device.type == "cpu" else self.device
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        broadcast(self._transfer_group, buf)
-        self._transfer_pending.extend(unpack(buf, meta))
-        return len(meta)
+        return self.receive_weights(transport, list(load_file(path).items()))
 
     def load_received(self) -> int:
-        named, self._transfer_pending = self._transfer_pending, []
+        named, self._received = self.__dict__.get("_received", []), []
         return self.load_hf_weights(named)
+
+    def _transport(self, name: str):
+        """This worker's receiving end of transport `name`, made on its first message."""
+        import torch
+
+        from sync import get_transport
+
+        ends = self.__dict__.setdefault("_transports", {})
+        if name not in ends:
+            ends[name] = get_transport(name)(torch.device("cpu") if self.device.type == "cpu" else self.device)
+        return ends[name]
 
     def named_weights(self) -> dict:
         """A copy of every engine parameter, in vLLM's own (fused, processed) layout: for tests

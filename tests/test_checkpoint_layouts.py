@@ -184,14 +184,14 @@ def test_engine_loads_published_layout_and_sync_is_exact(ray_cluster, published,
     folder, _ = published(case)
     seqs, batch = probe_batch()
     eng = _engine(ray, folder)
-    learner = ray.remote(num_cpus=0.25)(Learner).remote(
-        folder, learner_settings(zero_stage=zero_stage, micro_batch_size=8, lr=1e-2), algo_settings(), 0, 1,
-        "127.0.0.1", free_port(), 8)
+    settings = learner_settings(zero_stage=zero_stage, micro_batch_size=8, lr=1e-2, sync_bucket_mb=0.05)
+    learner = ray.remote(num_cpus=0.25)(Learner).remote(folder, settings, algo_settings(), 0, 1, "127.0.0.1",
+                                                        free_port(), 8)
     before = torch.tensor(ray.get(eng.score.remote(seqs)))
     learner_lp = ray.get(learner.compute_logprobs.remote(batch))
     assert (before - learner_lp).abs().mean().item() < 0.1  # the engine loaded the same weights (bf16 noise)
     ray.get(learner.train.remote(batch))
-    stats = ray.get(learner.push_weights.remote([eng], 1, 0.05))
+    stats = ray.get(learner.push_weights.remote([eng], 1))
     assert stats["sync/buckets"] > 3 and ray.get(eng.get_version.remote()) == 1
     synced_scores = torch.tensor(ray.get(eng.score.remote(seqs)))
     assert (synced_scores - before).abs().max().item() > 0.05  # the update reached the engine

@@ -37,7 +37,7 @@ def test_backends_agree_and_serve_concurrent_requests(ray_cluster, qwen3_5):
         # a weight commit (the checkpoint's own tensors) is adopted and leaves the model unchanged
         before = ray.get(eng.score.remote([p + c.token_ids for p, c in zip(prompts[:8], outs[:8])]))
         sd = load_file(f"{qwen3_5}/model.safetensors")
-        ray.get(eng.receive_bucket.remote(list(sd.items()), 1))
+        ray.get(eng.receive_weights.remote("object_store", 1, list(sd.items())))
         assert ray.get(eng.commit_weights.remote(1))["tensors"] > 0
         assert ray.get(eng.get_version.remote()) == 1
         after = ray.get(eng.score.remote([p + c.token_ids for p, c in zip(prompts[:8], outs[:8])]))

@@ -25,7 +25,7 @@ def test_versions_and_logprobs_across_a_mid_flight_update(ray_cluster, tiny_path
     g = torch.Generator().manual_seed(0)
     sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) * v.std() if v.dim() == 2 else v
           for k, v in load_file(f"{path}/model.safetensors").items()}
-    ray.get(eng.receive_bucket.remote(list(sd.items()), 1))  # buffered: generation is not affected yet
+    ray.get(eng.receive_weights.remote("object_store", 1, list(sd.items())))  # kept: generation is not affected yet
     refs = [eng.generate_one.remote(p, TOKENS, 1.0, 1.0, None, None, True) for p in prompts]
     time.sleep(0.5 if backend == "inproc" else 1.0)  # requests are generating now (~5 s in all)
     info = ray.get(eng.commit_weights.remote(1, True))

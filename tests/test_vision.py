@@ -169,7 +169,8 @@ def test_engine_generates_from_images_learner_matches_and_vision_weights_sync(ra
     batch = collate(trajs, tok.pad_token_id)
     B = len(trajs)
     learner = ray.remote(num_cpus=0.25)(Learner).remote(
-        vl_path, learner_settings(micro_batch_size=8, lr=1e-2), algo_settings(), 0, 1, "127.0.0.1", free_port(), B)
+        vl_path, learner_settings(micro_batch_size=8, lr=1e-2, sync_bucket_mb=0.05), algo_settings(), 0, 1, "127.0.0.1",
+        free_port(), B)
     _, stats = ray.get(learner.score.remote(batch))
     print("VL mismatch on sampled tokens:", {k: round(v, 5) for k, v in stats.items()})
     assert stats["train/policy_tokens"] >= B
@@ -203,7 +204,7 @@ def test_engine_generates_from_images_learner_matches_and_vision_weights_sync(ra
     ray.get(learner.set_weights.remote({k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in visual.items()}))
     stale = (ray.get(learner.compute_logprobs.remote(pbatch))[:, start:] - eng_lp).abs().mean().item()
     assert stale > 3 * learner_err
-    stats = ray.get(learner.push_weights.remote([eng], 1, 0.05))
+    stats = ray.get(learner.push_weights.remote([eng], 1))
     assert stats["sync/buckets"] > 1 and ray.get(eng.get_version.remote()) == 1
     synced_lp = torch.tensor(ray.get(eng.score.remote(seqs, images)))[:, start:]
     synced_err = (ray.get(learner.compute_logprobs.remote(pbatch))[:, start:] - synced_lp).abs().mean().item()

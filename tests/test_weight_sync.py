@@ -30,13 +30,15 @@ def probe_batch():
     return seqs, batch
 
 
-def start(ray, path, dtype, ranks=1, zero=2, n=8):
+def start(ray, path, dtype, ranks=1, zero=2, n=8, bucket_mb=64.0, transport="object_store"):
     eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype=dtype))
     info = ray.get(eng.ready.remote())
     port = free_port()
     cls = ray.remote(num_cpus=0.25)(Learner)
-    learners = [cls.remote(path, learner_settings(micro_batch_size=n // ranks, lr=1e-2, zero_stage=zero),
-                           algo_settings(), r, ranks, "127.0.0.1", port, n) for r in range(ranks)]
+    settings = learner_settings(micro_batch_size=n // ranks, lr=1e-2, zero_stage=zero, sync_bucket_mb=bucket_mb,
+                                sync_transport=transport)
+    learners = [cls.remote(path, settings, algo_settings(), r, ranks, "127.0.0.1", port, n) for r in range(ranks)]
+    ray.get([x.connect_engines.remote([eng]) for x in learners])
     return eng, info, learners
 
 
@@ -47,13 +49,13 @@ def diff(ray, eng, learners, seqs, batch):
     return (e - l).abs().max().item()
 
 
-def sync(ray, learners, eng, version, bucket_mb=64.0):
-    return ray.get([x.push_weights.remote([eng], version, bucket_mb) for x in learners])[0]
+def sync(ray, learners, eng, version):
+    return ray.get([x.push_weights.remote([eng], version) for x in learners])[0]
 
 
 def test_qwen3_fp32_parity_after_every_sync(ray_cluster, tiny_path):
     ray = ray_cluster
-    eng, info, learners = start(ray, tiny_path("qwen3"), "float32")
+    eng, info, learners = start(ray, tiny_path("qwen3"), "float32", bucket_mb=0.05)  # small cap: many buckets
     seqs, batch = probe_batch()
     assert diff(ray, eng, learners, seqs, batch) < PARITY_TOL  # same checkpoint at start
 
@@ -64,7 +66,7 @@ def test_qwen3_fp32_parity_after_every_sync(ray_cluster, tiny_path):
     noisy = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.items() if v.dim() == 2}
     ray.get(learners[0].set_weights.remote(noisy))
     assert diff(ray, eng, learners, seqs, batch) > 0.05
-    stats = sync(ray, learners, eng, 1, bucket_mb=0.05)  # small cap: many buckets
+    stats = sync(ray, learners, eng, 1)
     assert stats["sync/buckets"] > 3
     after = torch.tensor(ray.get(eng.score.remote(seqs)))
     assert (after - before).abs().max().item() > 0.05
@@ -80,11 +82,11 @@ def test_qwen3_fp32_parity_after_every_sync(ray_cluster, tiny_path):
 
 def test_zero3_two_ranks_sync_is_exact(ray_cluster, tiny_path):
     ray = ray_cluster
-    eng, info, learners = start(ray, tiny_path("qwen3"), "float32", ranks=2, zero=3)
+    eng, info, learners = start(ray, tiny_path("qwen3"), "float32", ranks=2, zero=3, bucket_mb=0.1)
     seqs, batch = probe_batch()
     for v in (1, 2):
         ray.get([x.train.remote(batch) for x in learners])
-        stats = sync(ray, learners, eng, v, bucket_mb=0.1)
+        stats = sync(ray, learners, eng, v)
         assert stats["sync/buckets"] > 1
         assert diff(ray, eng, learners, seqs, batch) < PARITY_TOL
 
@@ -97,14 +99,10 @@ def test_zero3_two_ranks_sync_gives_the_engine_exactly_the_gathered_weights(ray_
     gathered state dict."""
     ray = ray_cluster
     path = tiny_path("qwen3")
-    eng, info, learners = start(ray, path, "float32", ranks=2, zero=3)
+    eng, info, learners = start(ray, path, "float32", ranks=2, zero=3, bucket_mb=0.05, transport=transport)
     _, batch = probe_batch()
     ray.get([x.train.remote(batch) for x in learners])
-    if transport == "broadcast":
-        ray.get([x.init_transfer.remote([eng]) for x in learners])
-        stats = ray.get([x.push_weights_broadcast.remote([eng], 1, 0.05) for x in learners])[0]
-    else:
-        stats = sync(ray, learners, eng, 1, bucket_mb=0.05)
+    stats = sync(ray, learners, eng, 1)
     assert stats["sync/buckets"] > 3 and ray.get(eng.get_version.remote()) == 1
     gathered = ray.get([x.hf_state_dict.remote() for x in learners])[0]  # rank 0 holds the gathered copy
     synced = ray.get(eng.named_weights.remote())

@@ -1,12 +1,18 @@
-"""The broadcast weight-transfer primitives (rl/weight_transfer.py) across real processes over gloo:
-packing into one send buffer, a tensor larger than the bucket cap, mixed dtypes, exact unpacking
-on every receiver. The same code runs over NCCL with CUDA tensors (bench/gpu_broadcast.py)."""
-import socket
+"""The weight-sync transports' parts (sync/) without Ray or vLLM: the registry and the bucket size
+(`learner.sync_transport`, `learner.sync_bucket_mb`), and the broadcast primitives across real
+processes over gloo: packing into one send buffer, a tensor larger than the bucket cap, mixed dtypes,
+exact unpacking on every receiver. The same code runs over NCCL with CUDA tensors
+(bench/gpu_broadcast.py). Whole syncs into vLLM engines: tests/test_weight_sync.py."""
+import math
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl.weight_transfer import ALIGN, SendBuffer, broadcast, init_group, unpack
+from common.net import free_port
+from sync import TRANSPORTS, bucket_bytes, get_transport
+from sync.broadcast import broadcast, init_group
+from sync.buckets import ALIGN, SendBuffer, unpack
 
 CAP = 4096
 
@@ -41,9 +47,7 @@ def _rank(rank, port, world, results):
 
 
 def test_broadcast_buckets_arrive_exactly_on_every_rank():
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
+    port = free_port("")
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
@@ -64,3 +68,23 @@ def test_send_buffer_layout():
     for _, meta, nbytes in bs:
         assert all(off % ALIGN == 0 for _, _, _, off, _ in meta) and nbytes % ALIGN == 0
     assert bs[1][2] >= 64 * 64 * 4 > CAP
+
+
+def test_registry_names_every_transport_and_rejects_unknown_ones():
+    assert all(cls.name == key for key, cls in TRANSPORTS.items())
+    assert get_transport("broadcast") is TRANSPORTS["broadcast"]
+    assert get_transport("object_store").engines_restartable
+    broadcast_cls = get_transport("broadcast")
+    assert not broadcast_cls.engines_restartable and "sync_transport=object_store" in broadcast_cls.no_restart_reason
+    with pytest.raises(ValueError, match=r"learner.sync_transport='nccl'.*object_store, broadcast"):
+        get_transport("nccl")
+
+
+@pytest.mark.parametrize("bad", [0, -1, -0.5, math.nan, math.inf, "64", None])
+def test_bucket_size_must_be_positive_and_finite(bad):
+    with pytest.raises(ValueError, match="learner.sync_bucket_mb"):
+        bucket_bytes(bad)
+
+
+def test_bucket_size_in_bytes():
+    assert bucket_bytes(64) == 64 << 20 and bucket_bytes(0.5) == 1 << 19
