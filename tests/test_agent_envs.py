@@ -6,7 +6,6 @@ from envs.builtin.calculator import CalculatorEnv, safe_arithmetic
 from envs.tools import parse_tool_calls
 from policies.tokenizer import build_char_tokenizer
 from rollout.episodes import ChatRenderer
-from tests.test_e2e import run_cli
 
 XML_CALL = "<tool_call>\n<function=calculator>\n<parameter=expression>\n{expr}\n</parameter>\n</function>\n</tool_call>"
 
@@ -76,9 +75,9 @@ def test_env_turn_tokens_match_the_full_conversation_rendering():
     assert "<tool_response>\n3\n</tool_response>\n<tool_response>\nagain 3" in tok.decode(env_ids)
 
 
-def test_tool_use_env_trains_end_to_end(tmp_path):
-    """Multi-turn tool use from the command line: per-turn and per-episode rewards and tool stats logged."""
-    _, metrics = run_cli(tmp_path, "steps=2", "logger=console", "env=calculator", "rollout.max_turns=3",
+def test_tool_use_env_trains_end_to_end(train):
+    """Multi-turn tool use in a whole run: per-turn and per-episode rewards and tool stats logged."""
+    metrics = train("steps=2", "eval.every=0", "env=calculator", "rollout.max_turns=3",
                          "rollout.max_tokens=12", "rollout.max_model_len=1536", "rollout.prompts_per_step=8",
                          "rollout.group_size=4", "learner.micro_batch_size=16")
     for m in metrics:
@@ -90,9 +89,9 @@ def test_tool_use_env_trains_end_to_end(tmp_path):
     assert max(m["episode/turns_mean"] for m in metrics) > 1.0, "some episodes should take a tool turn"
 
 
-def test_code_sandbox_env_trains_end_to_end(tmp_path):
-    """Model-written Python run against unit tests in the sandbox, as the reward of a CLI run."""
-    _, metrics = run_cli(tmp_path, "steps=2", "logger=console", "env=code_tests", "rollout.max_tokens=16",
+def test_code_sandbox_env_trains_end_to_end(train):
+    """Model-written Python run against unit tests in the sandbox, as the reward of a whole run."""
+    metrics = train("steps=2", "eval.every=0", "env=code_tests", "rollout.max_tokens=16",
                          "rollout.prompts_per_step=4", "rollout.group_size=4", "learner.micro_batch_size=16")
     for m in metrics:
         assert m["env/failed_episodes"] == 0 and m["rollout/episodes"] == 16

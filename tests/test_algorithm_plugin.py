@@ -43,8 +43,8 @@ def test_plugin_algorithm_trains(tmp_path):
     env = cli_env(tmp_path)
     env["PYTHONPATH"] = f"{site}:{REPO}"
     cmd = [sys.executable, "-m", "rl.train", f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
-           f"ray.temp_dir={short_tmp()}", "logger=console", "steps=2",
-           "algorithm.advantage=median_baseline", "algorithm.policy_loss=pg_ratio"]
+           f"ray.temp_dir={short_tmp()}", "logger=console", "steps=2", "eval.every=0", "rollout.prompts_per_step=8",
+           "rollout.group_size=4", "learner.micro_batch_size=32", "algorithm.advantage=median_baseline", "algorithm.policy_loss=pg_ratio"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

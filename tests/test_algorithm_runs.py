@@ -1,42 +1,34 @@
 """Every algorithm of the `algorithm=` group runs end to end on the real stack; PPO (with its critic)
 and DAPO (with dynamic sampling) make the tiny policy's mean reward rise on copy_digits.
 
-Stated margins: over 30 steps of the default run (32 prompts x 8 samples), the mean reward of the
-last 4 steps exceeds that of the first 4 by at least MARGIN (starts near 0.08). `reward/mean` is
-over every sampled episode of a step (not only the groups DAPO keeps).
+Stated margins: over tests/test_learning.py's STEPS steps of 16 prompts x 8 samples, the mean reward
+of the last 4 steps exceeds that of the first 4 by at least MARGIN (starts near 0.07). `reward/mean`
+is over every sampled episode of a step (not only the groups DAPO keeps).
 """
-import statistics
-
 import pytest
 
-from tests.test_e2e import run_cli
+from tests.test_e2e import SMALL
+from tests.test_learning import LEARN, STEPS, rise
 
-STEPS, WINDOW, MARGIN = 30, 4, 0.08
-
-
-def rise(metrics):
-    rewards = [m["reward/mean"] for m in metrics]
-    start, end = statistics.mean(rewards[:WINDOW]), statistics.mean(rewards[-WINDOW:])
-    print(f"reward first {WINDOW} steps {start:.3f} -> last {WINDOW} steps {end:.3f}: {[round(r, 3) for r in rewards]}")
-    return start, end, rewards
+MARGIN = 0.08
 
 
-def test_ppo_with_critic_learns(tmp_path):
-    _, metrics = run_cli(tmp_path, "algorithm=ppo", f"steps={STEPS}", "logger=console")
+def test_ppo_with_critic_learns(train):
+    metrics = train("algorithm=ppo", f"steps={STEPS}", *LEARN)
     start, end, rewards = rise(metrics)
     assert end >= start + MARGIN, rewards
     assert all(m["critic/mse"] >= 0 and "critic/loss" in m for m in metrics)
     assert metrics[-1]["policy/version"] == STEPS
 
 
-def test_dapo_learns_with_dynamic_sampling(tmp_path):
-    _, metrics = run_cli(tmp_path, "algorithm=dapo", f"steps={STEPS}", "logger=console")
+def test_dapo_learns_with_dynamic_sampling(train):
+    metrics = train("algorithm=dapo", f"steps={STEPS}", *LEARN)
     start, end, rewards = rise(metrics)
     assert end >= start + MARGIN, rewards
     for m in metrics:
-        assert m["dynamic/kept_groups"] + m["dynamic/padded_groups"] == 32
+        assert m["dynamic/kept_groups"] + m["dynamic/padded_groups"] == 16
         assert 1 <= m["dynamic/rounds"] <= 3
-        assert m["rollout/episodes"] == 32 * 8 * m["dynamic/rounds"]
+        assert m["rollout/episodes"] == 16 * 8 * m["dynamic/rounds"]
     assert sum(m["dynamic/dropped_groups"] for m in metrics) > 0  # all-equal groups were seen and dropped
 
 
@@ -47,11 +39,11 @@ def test_dapo_learns_with_dynamic_sampling(tmp_path):
     ("reinforce_pp", []),  # KL (k1) as a per-token reward penalty: a reference actor runs
     ("reinforce_pp_baseline", ["algorithm.mask_truncated=true"]),  # KL (k2) as a loss term
     ("ppo", ["algorithm.critic.warmup_steps=1"]),
-    ("ppo", ["learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=32",
+    ("ppo", ["learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=16",
              "learner.num_cpus_per_rank=0.25", "algorithm.critic.num_cpus_per_rank=0.1"]),  # critic under ZeRO-3
 ])
-def test_algorithm_runs(tmp_path, algo, extra):
-    _, metrics = run_cli(tmp_path, f"algorithm={algo}", "steps=2", "logger=console", *extra)
+def test_algorithm_runs(train, algo, extra):
+    metrics = train(f"algorithm={algo}", "steps=2", "eval.every=0", *SMALL, *extra)
     assert len(metrics) == 2
     for m in metrics:
         assert m["train/policy_tokens"] > 0 and m["advantage/abs_mean"] > 0

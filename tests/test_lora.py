@@ -10,7 +10,6 @@ from policies.lora import PACKED, LoraConfig, check_targets, sync_modules
 from common.net import free_port
 from rl.learner import Learner
 from rl.settings import algo_settings, learner_settings
-from tests.test_e2e import run_cli
 from tests.test_weight_sync import diff, probe_batch, sync
 from rollout.engine import VLLMEngine
 from rl.settings import engine_config
@@ -189,10 +188,17 @@ def test_zero3_two_ranks_engine_matches_learner_logprobs(ray_cluster, tiny_path)
         ray.kill(x)
 
 
-def test_cli_lora_run_trains_end_to_end(tmp_path):
-    proc, metrics = run_cli(tmp_path, "steps=2", "logger=console", "learner.lora.rank=8",
-                            "rollout.prompts_per_step=8")
-    assert "learner.lora: rank 8 on 25 modules" in proc.stdout + proc.stderr
+def test_lora_run_trains_end_to_end(train):
+    import ray
+
+    adapted = {}
+
+    def count_adapters(ctl, metrics):
+        adapted["modules"] = ray.get(ctl.learners[0].__ray_call__.remote(lambda learner: len(learner.lora)))
+
+    metrics = train("steps=2", "eval.every=0", "learner.lora.rank=8", "rollout.prompts_per_step=8",
+                    "rollout.group_size=4", "learner.micro_batch_size=32", on_step=count_adapters)
+    assert adapted["modules"] == 25
     assert [m["policy/version"] for m in metrics] == [1, 2]
     for m in metrics:
         assert m["train/policy_tokens"] > 0 and m["sync/bytes"] > 0 and m["mismatch/kl"] < 0.05

@@ -8,7 +8,6 @@ import yaml
 
 from policies.tiny import TinySpec
 from tests.conftest import REPO
-from tests.test_e2e import run_cli
 
 
 def test_tiny_moe_is_a_qwen3_5_moe_with_shared_expert(tmp_path):
@@ -36,11 +35,11 @@ def test_tiny_moe_is_a_qwen3_5_moe_with_shared_expert(tmp_path):
     assert spec.fingerprint() != TinySpec(**{**tiny, "num_experts": 8}).fingerprint()
 
 
-def test_tiny_moe_trains_end_to_end(tmp_path):
+def test_tiny_moe_trains_end_to_end(train):
     """2 steps: finite reward and loss, gradients flow, and after each sync the engine's sampling
     logprobs agree with the learner's (a broken expert sync showed mismatch/kl 0.33 here)."""
-    _, metrics = run_cli(tmp_path, "policy=tiny_qwen3_5_moe", "steps=2", "logger=console",
-                         "rollout.prompts_per_step=8")
+    metrics = train("policy=tiny_qwen3_5_moe", "steps=2", "rollout.prompts_per_step=8", "rollout.group_size=4",
+                    "learner.micro_batch_size=32", "eval.every=0")
     assert [m["policy/version"] for m in metrics] == [1, 2]
     for m in metrics:
         assert math.isfinite(m["reward/mean"]) and math.isfinite(m["train/loss"]), m

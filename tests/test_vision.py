@@ -269,12 +269,10 @@ def test_learner_updates_train_the_vision_path(ray_cluster, vl_path, vl_parts):
 
 
 # -- the whole run ---------------------------------------------------------------------------------
-def test_cli_trains_vl_policy_on_color_patch(tmp_path):
-    from tests.test_e2e import run_cli
-
+def test_vl_policy_trains_on_color_patch(train):
     steps = 4
-    _, metrics = run_cli(tmp_path, "policy=tiny_qwen3_5_vl", "env=color_patch", f"steps={steps}", "logger=console",
-                         "rollout.prompts_per_step=16")
+    metrics = train("policy=tiny_qwen3_5_vl", "env=color_patch", f"steps={steps}", "rollout.prompts_per_step=16",
+                    "eval.num_prompts=8")
     assert [m["policy/version"] for m in metrics] == list(range(1, steps + 1))
     for m in metrics:
         assert math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0
