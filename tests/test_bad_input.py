@@ -100,20 +100,24 @@ def test_ray_temp_dir_too_long(tmp_path):
     assert "ray.temp_dir" in line and "shorter" in line
 
 
-def test_environment_that_raises_stops_the_run_with_its_error(tmp_path):
-    proc = run_cli(tmp_path, "env._target_=tests.helpers.bad_envs:AlwaysRaisesEnv", "steps=2",
-                   "rollout.prompts_per_step=4", "learner.micro_batch_size=32")
-    line = error_line(proc)
+def test_environment_that_raises_stops_the_run_with_its_error(train):
+    """The run's RunError (what the CLI prints as its one `error:` line, as for every RunError above)."""
+    from common.errors import RunError
+
+    with pytest.raises(RunError) as err:
+        train("env._target_=tests.helpers.bad_envs:AlwaysRaisesEnv", "steps=2", "rollout.prompts_per_step=4",
+              "learner.micro_batch_size=32")
+    line = str(err.value)
     assert "failed on 32/32 episodes after 1 retries" in line
     assert "RuntimeError: reward service unavailable" in line and "Fix the environment" in line
 
 
-def test_prompt_longer_than_the_context(tmp_path):
+def test_prompt_longer_than_the_context(train):
     """The calculator's tool prompt does not fit the default 512-token context: a clear error, not
     silently empty episodes."""
-    proc = run_cli(tmp_path, "env=calculator", "steps=1", "rollout.prompts_per_step=4",
-                   "learner.micro_batch_size=32")
-    line = error_line(proc)
+    with pytest.raises(ValueError) as err:  # the CLI prints it as its `error:` line
+        train("env=calculator", "steps=1", "rollout.prompts_per_step=4", "learner.micro_batch_size=32")
+    line = str(err.value)
     assert "leaves no room to answer within rollout.max_model_len=512" in line and "raise rollout.max_model_len" in line
 
 
