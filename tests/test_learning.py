@@ -5,8 +5,9 @@ reward of the last 4 steps must exceed that of the first 4 steps by at least 0.1
 0.07: a random policy rarely answers with a single digit followed by end-of-turn). Measured with
 this config: 0.068 -> 0.36 by step 13, and 0.357 after 30 steps (the default run, 32 prompts,
 reaches 0.35-0.4 in 30 steps; README). Every episode samples with its own seed
-(rollout/episodes.py sample_seed), so a run repeats exactly on the same machine; other machines'
-kernels may round differently and take another path, which is why the margin is well below what
+(rollout/episodes.py sample_seed), but with 128 concurrent episodes the bf16 engine's logprobs
+depend in their last digits on how vLLM batches them, and other machines' kernels round
+differently: runs can take slightly different paths, which is why the margin is well below what
 is measured.
 """
 import statistics
