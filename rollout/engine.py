@@ -46,7 +46,7 @@ class _Stream:
         self.token_ids += ids
         self.logprobs += [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)] if c.logprobs else []
         self.versions += [version] * len(ids)
-        if out.finished:
+        if out.finished or c.finish_reason is not None:  # a session's turn ends unfinished (rollout/sessions.py)
             self.finish_reason = c.finish_reason or "stop"
 
 
@@ -125,7 +125,8 @@ class _InprocBackend:
     """One thread owns vLLM's `LLMEngine`: it adds queued requests between engine steps and runs
     control calls (weight loads) when no request is in flight, or, for `interrupt` calls, between
     two engine steps while requests are in flight (partial rollouts: they continue on the new
-    weights, and their later tokens carry the new version)."""
+    weights, and their later tokens carry the new version). Multi-turn episodes' turns continue
+    one vLLM session each (rollout/sessions.py): paused sessions are not in flight."""
 
     def __init__(self, llm_kwargs: dict):
         self._q: queue.Queue = queue.Queue()
@@ -136,14 +137,20 @@ class _InprocBackend:
         self.version = 0  # read and written on the engine thread only (after construction)
         self._ids = itertools.count()
         self._dead: BaseException | None = None
+        self.sessions = None  # EngineSessions once the engine runs, if this vLLM supports them
         started: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(llm_kwargs, started), daemon=True,
                                         name="vllm-engine")
         self._thread.start()
         started.result()  # re-raises an engine construction error here
 
-    def submit(self, prompt_ids: list[int], params) -> Future:
-        return self._put("add", (prompt_ids, params))
+    def submit(self, prompt_ids: list[int], params, session: tuple[str, bool] | None = None) -> Future:
+        """session: (key, last_turn) of a multi-turn episode (rollout/sessions.py)."""
+        return self._put("add", (prompt_ids, params, session))
+
+    def end_sessions(self, keys: list[str]) -> None:
+        if self._dead is None:
+            self._q.put(("end", keys, None))
 
     def call(self, fn: Callable, interrupt: bool = False) -> Future:
         """Run fn(llm) on the engine thread once no request is in flight (interrupt=False) or
@@ -164,6 +171,9 @@ class _InprocBackend:
 
             self.llm = LLM(**llm_kwargs)
             engine = self.llm.llm_engine
+            from rollout.sessions import EngineSessions
+
+            self.sessions = EngineSessions(engine) if EngineSessions.supported(self.llm) else None
         except BaseException as e:  # noqa: BLE001
             started.set_exception(e)
             return
@@ -176,13 +186,16 @@ class _InprocBackend:
                 if not fut.done():
                     fut.set_exception(e)
             while not self._q.empty():
-                self._q.get_nowait()[2].set_exception(e)
+                fut = self._q.get_nowait()[2]
+                if fut is not None:
+                    fut.set_exception(e)
 
     def _serve(self, engine) -> None:
         from vllm.sampling_params import RequestOutputKind
 
+        sessions = self.sessions
         while True:
-            busy = engine.has_unfinished_requests()
+            busy = self._active(engine)
             try:
                 items = [self._q.get(block=not busy and not self._calls and not self._interrupts)]
             except queue.Empty:
@@ -195,21 +208,31 @@ class _InprocBackend:
             for kind, payload, fut in items:
                 if kind == "add":
                     rid = str(next(self._ids))
+                    prompt, params, session = payload
                     try:
-                        engine.add_request(rid, _as_prompt(payload[0]), payload[1])
+                        if session is not None and sessions is not None and isinstance(prompt, list):
+                            rid = sessions.add(rid, prompt, params, *session)
+                        else:
+                            engine.add_request(rid, _as_prompt(prompt), params)
                         self._waiting[rid] = fut
-                        if payload[1].output_kind == RequestOutputKind.DELTA:
+                        if params.output_kind == RequestOutputKind.DELTA:
                             self._streams[rid] = _Stream()
                     except Exception as e:  # noqa: BLE001 - e.g. prompt longer than max_model_len
                         fut.set_exception(e)
+                elif kind == "end":
+                    if sessions is not None:
+                        sessions.end(payload)
                 elif kind == "interrupt":
                     self._interrupts.append((payload, fut))
                 else:
                     self._calls.append((payload, fut))
             if self._interrupts:
+                self._release_sessions(engine)
                 self._run_calls(self._interrupts)
                 self._interrupts = []
-            if engine.has_unfinished_requests():
+            if self._active(engine):
+                if sessions is not None:
+                    sessions.evict()
                 try:
                     outs = engine.step()
                 except Exception as e:  # noqa: BLE001 - fail the requests in flight, never hang them
@@ -217,6 +240,8 @@ class _InprocBackend:
                         fut.set_exception(e)
                     self._waiting.clear()
                     self._streams.clear()
+                    if sessions is not None:
+                        sessions.clear()
                     if self._abort_all(engine):
                         continue
                     raise
@@ -224,14 +249,36 @@ class _InprocBackend:
                     stream = self._streams.get(out.request_id)
                     if stream is not None:
                         stream.add(out, self.version)
-                    if out.finished:
+                    if out.finished or (stream is not None and stream.finish_reason is not None):
                         fut = self._waiting.pop(out.request_id, None)
                         self._streams.pop(out.request_id, None)
+                        if sessions is not None and stream is not None:
+                            sessions.finished(out.request_id, stream)
                         if fut is not None:
                             fut.set_result(stream if stream is not None else out)
             elif self._calls:
+                self._release_sessions(engine)
                 self._run_calls(self._calls)
                 self._calls = []
+
+    def _active(self, engine) -> bool:
+        """Requests in flight; paused sessions are not (they wait for their episode's next turn)."""
+        if self.sessions is not None and self.sessions.live:
+            return bool(self._waiting)
+        return engine.has_unfinished_requests()
+
+    def _release_sessions(self, engine) -> None:
+        """Before a control call: sessions give back their KV (rollout/sessions.py release); turns
+        that were waiting to continue one restart as fresh requests over their full prompt."""
+        if self.sessions is None:
+            return
+        for rid, prompt, params in self.sessions.release():
+            fut, stream = self._waiting.pop(rid, None), self._streams.pop(rid, None)
+            if fut is None:
+                continue
+            new = str(next(self._ids))
+            engine.add_request(new, _as_prompt(prompt), params)
+            self._waiting[new], self._streams[new] = fut, stream or _Stream()
 
     def _run_calls(self, calls) -> None:
         for fn, fut in calls:
@@ -244,14 +291,14 @@ class _InprocBackend:
     def _abort_all(engine) -> bool:
         """After a failed step, drop the engine's requests so it can serve new ones."""
         try:
-            ids = list(engine.output_processor.request_states)
-            engine.abort_request(ids)
+            ids = list(engine.output_processor.request_states)  # internal ids (paused sessions too)
+            engine.abort_request(ids, internal=True)
             return True
         except Exception:  # noqa: BLE001
             return False
 
-    async def generate(self, prompt_ids: list[int], params):
-        return await asyncio.wrap_future(self.submit(prompt_ids, params))
+    async def generate(self, prompt_ids: list[int], params, session: tuple[str, bool] | None = None):
+        return await asyncio.wrap_future(self.submit(prompt_ids, params, session))
 
     async def collective_rpc(self, method: str, args: tuple, version: int | None = None, interrupt: bool = False,
                              reset_cache: bool = True):
@@ -283,7 +330,9 @@ class _AsyncLLMBackend:
         self._ids = itertools.count()
         self.version = 0
 
-    async def generate(self, prompt_ids: list[int], params):
+    sessions = None  # multi-turn turns send their full prompt; prefix caching (rollout=gpu) reuses it
+
+    async def generate(self, prompt_ids: list[int], params, session: tuple[str, bool] | None = None):
         from vllm.sampling_params import RequestOutputKind
 
         final, stream = None, _Stream()
@@ -396,16 +445,25 @@ class VLLMEngine:
     async def generate_one(self, prompt_ids: list[int], max_tokens: int, temperature: float = 1.0,
                            top_p: float = 1.0, seed: int | None = None,
                            stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
-                           images: list | None = None) -> Completion:
+                           images: list | None = None, session: str | None = None,
+                           last_turn: bool = False) -> Completion:
         """One completion of `prompt_ids` with the logprob of every sampled token and the policy
         version that sampled each one (ignore_eos: always generate max_tokens, for benchmarks).
         `images` (vision-language policies): the prompt's images in order; `prompt_ids` carries
-        their placeholders expanded, as the processor made them (policies/vision.py)."""
+        their placeholders expanded, as the processor made them (policies/vision.py).
+        `session` (multi-turn episodes): a key under which the in-process engine keeps this turn's
+        request (KV cache, Gated DeltaNet state) until the episode's next turn, whose `prompt_ids`
+        extend this prompt + completion, so that only the new tokens are prefilled; `last_turn`:
+        none follows. Other turns end with `end_sessions`. Text prompts only; other backends
+        ignore it (rollout/sessions.py)."""
         prompt = self._prompt(prompt_ids, images)
+        params = _sampling_params(max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos=ignore_eos)
         self.inflight += 1
         try:
-            st = await self.backend.generate(
-                prompt, _sampling_params(max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos=ignore_eos))
+            if session is not None and not images:
+                st = await self.backend.generate(prompt, params, (session, last_turn))
+            else:
+                st = await self.backend.generate(prompt, params)
         finally:
             self.inflight -= 1
         first = st.versions[0] if st.versions else self.version
@@ -420,6 +478,21 @@ class VLLMEngine:
             self.generate_one(p, max_tokens, temperature, top_p, seeds[i * n + j], stop_token_ids)
             for i, p in enumerate(prompts) for j in range(n)])
         return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    async def end_sessions(self, keys: list[str]) -> None:
+        """The episodes of these sessions (generate_one `session`) are over: free what they hold."""
+        if getattr(self.backend, "sessions", None) is not None:
+            self.backend.end_sessions(keys)
+
+    async def session_stats(self) -> dict:
+        """Counters of the multi-turn sessions (rollout/sessions.py); empty without session support."""
+        s = getattr(self.backend, "sessions", None)
+        for _ in range(5):  # the engine thread updates them meanwhile
+            try:
+                return {} if s is None else {**s.stats, "live": len(s.live), "paused": len(s.paused)}
+            except RuntimeError:
+                continue
+        return {}
 
     async def score(self, sequences: list[list[int]], images: list[list] | None = None) -> list[list[float]]:
         """Teacher-forced logprob of every token after the first (used to probe weight sync).

@@ -6,8 +6,11 @@ engine samples a turn (logprobs + policy version) -> decode -> env.step -> if th
 the env's messages are rendered by the chat template and appended as masked tokens -> ... until
 terminated/truncated, `max_turns`, or `max_context` (then it ends exactly at `max_context` tokens,
 finish_reason "context", an env reply cut there, and is kept and counted). The policy's sampled ids are never
-re-tokenised. Episodes wait on futures (engine requests join vLLM's running batch; env requests
-are coalesced per actor), so nothing busy-waits; `max_inflight` bounds live episodes.
+re-tokenised. The turns of a multi-turn episode continue one engine session (rollout/sessions.py): the
+engine keeps the conversation's KV and Gated DeltaNet state between turns and prefills only each
+turn's new tokens, instead of the whole conversation again. Episodes wait on futures (engine
+requests join vLLM's running batch; env requests are coalesced per actor), so nothing busy-waits;
+`max_inflight` bounds live episodes.
 
 GRPO groups are `group_size` episodes reset with the same seed. A failed episode (env raised,
 timed out, or its actor died) is retried from reset on a fresh env up to `max_retries` times; if
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
+import os
 import queue
 import threading
 import time
@@ -54,24 +59,51 @@ def sample_seed(env_seed: int, index: int, attempt: int) -> int:
     return int.from_bytes(digest, "little") >> 2  # room for + turn below 2**63
 
 
+_SESSION_IDS = itertools.count()
+
+
 class EngineClient:
-    """Sends each request to the engine with the fewest requests in flight. A request whose engine
-    died replaces that engine (once per death, EnginePool) and raises EngineLost."""
+    """Sends each request to the engine with the fewest requests in flight; the turns of a
+    multi-turn episode (`session`) go to the engine that holds its earlier turns
+    (rollout/sessions.py), unless that engine was replaced. A request whose engine died replaces
+    that engine (once per death, EnginePool) and raises EngineLost."""
 
     def __init__(self, engines: list | EnginePool):
         self.pool = engines if isinstance(engines, EnginePool) else EnginePool(engines)
         self.engines = self.pool.engines
         self.inflight = [0] * len(self.pool)
+        self._sessions: dict[str, tuple[int, int]] = {}  # session key -> (engine, its generation)
+        self._ending: dict[int, list[str]] = {}  # engine -> sessions to end (one call per loop pass)
+
+    @staticmethod
+    def new_session() -> str:
+        return f"{os.getpid()}-{next(_SESSION_IDS)}"
+
+    def _pick(self, session: str | None) -> int:
+        held = self._sessions.get(session) if session is not None else None
+        if held is not None and self.pool.current(held[0])[1] == held[1]:
+            return held[0]
+        return min(range(len(self.engines)), key=self.inflight.__getitem__)
 
     async def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
-                       images: list | None = None, seed: int | None = None):
-        i = min(range(len(self.engines)), key=self.inflight.__getitem__)
+                       images: list | None = None, seed: int | None = None, session: str | None = None,
+                       last_turn: bool = False):
+        """`session`: the episode's session key (text prompts), `last_turn`: no turn follows."""
+        i = self._pick(session)
         engine, generation = self.pool.current(i)
+        if session is not None:
+            if last_turn:  # the engine ends it after this turn
+                self._sessions.pop(session, None)
+            else:
+                self._sessions[session] = (i, generation)
         self.inflight[i] += 1
         try:
             if images:  # vision-language prompt (policies/vision.py)
                 return await engine.generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed,
                                                         images=images)
+            if session is not None:
+                return await engine.generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed,
+                                                        session=session, last_turn=last_turn)
             return await engine.generate_one.remote(prompt_ids, max_tokens, temperature, top_p, seed)
         except Exception as e:
             if not is_dead(e):
@@ -80,6 +112,23 @@ class EngineClient:
             raise EngineLost(f"vLLM engine {i} died: {type(e).__name__}") from e
         finally:
             self.inflight[i] -= 1
+
+    def end_session(self, session: str) -> None:
+        """The episode is over: its engine frees the session. The sessions ended during one pass of
+        the event loop go to each engine in one call, which nobody awaits."""
+        held = self._sessions.pop(session, None)
+        if held is None or self.pool.current(held[0])[1] != held[1]:  # ended already, or its engine is gone
+            return
+        pending = self._ending.setdefault(held[0], [])
+        pending.append(session)
+        if len(pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_ends, held[0])
+
+    def _flush_ends(self, i: int) -> None:
+        keys = self._ending.pop(i, [])
+        if keys:
+            ref = self.pool.current(i)[0].end_sessions.remote(keys)
+            ref.future().add_done_callback(lambda f: f.exception())  # a dead engine took its sessions along
 
 
 class ChatRenderer:
@@ -95,6 +144,7 @@ class ChatRenderer:
         self.processor = processor  # vision-language policies: turns image parts into model inputs
         self._mm_prompts: dict = {}
         self._prompts: dict = {}  # the episodes of a group start from the same observation
+        self._env_turns: dict = {}  # env replies repeat ("higher.", tool results): rendered once each
 
     @staticmethod
     def as_messages(obs) -> list[dict]:
@@ -156,8 +206,15 @@ class ChatRenderer:
         if images_in(self.as_messages(obs)):
             raise ValueError("an env reply after the first observation has image content parts; images are "
                              "supported in the first observation only (put them in reset's obs)")
-        eos = self.tok.eos_token
         close = [] if policy_ids and policy_ids[-1] == self.tok.eos_token_id else [self.tok.eos_token_id]
+        try:
+            key = json.dumps(obs, sort_keys=True)
+        except (TypeError, ValueError):
+            key = None
+        return close + list(self._cached(self._env_turns, key, lambda: self._render_env_turn(obs)))
+
+    def _render_env_turn(self, obs) -> tuple[int, ...]:
+        eos = self.tok.eos_token
         base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": self._SENTINEL}]
         text = self.tok.apply_chat_template(base + self.as_messages(obs), add_generation_prompt=True,
                                             tokenize=False)
@@ -165,7 +222,7 @@ class ChatRenderer:
         if not rest.startswith(eos):
             raise ValueError(f"the chat template does not end an assistant turn with the EOS token {eos!r}; "
                              "cannot append env turns to the policy's sampled tokens")
-        return close + self.tok.encode(rest[len(eos):], add_special_tokens=False)
+        return tuple(self.tok.encode(rest[len(eos):], add_special_tokens=False))
 
 
 class EpisodeRunner:
@@ -177,6 +234,9 @@ class EpisodeRunner:
         self.stats: dict[str, float] = {}
         self.errors: list[dict] = []  # every env failure of the last run (episode slot, attempt, message)
         self._loop = asyncio.new_event_loop()
+        # multi-turn episodes keep their request in the engine between turns (rollout/sessions.py);
+        # False: every turn is a fresh request over the whole conversation (benchmarks compare both)
+        self.engine_sessions = True
 
     def with_settings(self, settings: RolloutSettings) -> "EpisodeRunner":
         """A runner with other settings (e.g. evaluation) on the same env pool, engines and event
@@ -184,6 +244,7 @@ class EpisodeRunner:
         other = EpisodeRunner(self.pool, self.engine.engines, self.tok, settings, self.render.processor)
         other._loop.close()
         other._loop = self._loop
+        other.engine_sessions = self.engine_sessions
         return other
 
     def run(self, seeds: list[int]) -> list[Trajectory]:
@@ -316,7 +377,8 @@ class EpisodeRunner:
                           finish_reason="error")
 
     async def _play(self, seed: int, group: int, sampling_seed: int | None = None) -> Trajectory:
-        """One episode; turn k samples with seed `sampling_seed + k` (None: the engine's own RNG)."""
+        """One episode; turn k samples with seed `sampling_seed + k` (None: the engine's own RNG).
+        A multi-turn episode's turns form one engine session, ended when the episode ends."""
         s = self.s
         handle, obs, info = await self.pool.reset(seed)
         tools = info.pop("tools", None)
@@ -327,6 +389,16 @@ class EpisodeRunner:
             raise ValueError(f"the env's first prompt is {len(tr.prompt_ids)} tokens (seed {seed}), which leaves no "
                              f"room to answer within rollout.max_model_len={s.max_context}; raise "
                              "rollout.max_model_len or shorten the prompt")
+        session = self.engine.new_session() if s.max_turns > 1 and self.engine_sessions and not images else None
+        try:
+            return await self._turns(tr, handle, images, sampling_seed, session)
+        finally:
+            if session is not None:
+                self.engine.end_session(session)
+
+    async def _turns(self, tr: Trajectory, handle, images: list, sampling_seed: int | None,
+                     session: str | None) -> Trajectory:
+        s = self.s
         while True:
             room = min(s.max_tokens, s.max_context - len(tr.prompt_ids) - len(tr.response_ids))
             if room <= 0:
@@ -339,7 +411,7 @@ class EpisodeRunner:
             turn_seed = None if sampling_seed is None else (sampling_seed + tr.turns) % 2**63
             try:
                 c = await self.engine.generate(tr.prompt_ids + tr.response_ids, room, s.temperature, s.top_p, images,
-                                               turn_seed)
+                                               turn_seed, session, last_turn=tr.turns + 1 >= s.max_turns)
             except EngineLost:
                 self.pool.close(handle)
                 raise
