@@ -73,8 +73,8 @@ class Controller:
         self.batches = BatchAssembler(self.cfg, self.runner, on_errors=self._log_env_errors)
         self.evaluator = Evaluator(self.cfg, self.runner, self.run_dir)  # eval.every: held-out seeds, rl/eval.py
         self.schedule = SCHEDULES[self.cfg.trainer.mode](self)
-        if self.actors.borrowed_engines:  # they hold another run's weights and version: load this run's first
-            self.sync_weights(interrupt=False)
+        if self.actors.borrowed_engines:  # they hold another run's weights and version: load all of this run's
+            self.sync_weights(interrupt=False, complete=True)
 
     @property
     def learners(self) -> list:
@@ -105,13 +105,14 @@ class Controller:
             self.sync_weights(interrupt=False)
         return {**self.evaluator.run(self.step), "timing/eval_s": time.perf_counter() - t0}
 
-    def sync_weights(self, interrupt: bool) -> dict:
+    def sync_weights(self, interrupt: bool, complete: bool = False) -> dict:
         """Push the learner's weights to every engine (sync/); interrupt: in-flight requests go on
-        with the new weights (partial rollouts)."""
+        with the new weights (partial rollouts); complete: also the weights LoRA never changes."""
         t0 = time.perf_counter()
         self.actors.engine_pool.replace_dead()  # an engine that died since the rollout is replaced (and resynced) first
         with self.learner_lock:
-            stats = get_all([x.push_weights.remote(self.engines, self.version, interrupt) for x in self.learners])[0]
+            stats = get_all([x.push_weights.remote(self.engines, self.version, interrupt, complete)
+                             for x in self.learners])[0]
         self.engine_version = self.version
         return {**stats, "timing/sync_s": time.perf_counter() - t0}
 

@@ -220,11 +220,11 @@ class Learner(DeepSpeedWorker):
             for n, p in module.named_parameters():
                 yield n, (_out(p, copy) if self.rank == 0 else None)
 
-    def iter_engine_weights(self):
-        """`iter_hf_weights(copy=False, sync=True)` under the names the engines load
+    def iter_engine_weights(self, complete: bool = False):
+        """`iter_hf_weights(copy=False, sync=not complete)` under the names the engines load
         (policies/checkpoint.py): `model.language_model.*` for engines running a multimodal Qwen3.5
         checkpoint. Each tensor is valid only until the next item (the transport copies it)."""
-        for name, t in self.iter_hf_weights(copy=False, sync=True):
+        for name, t in self.iter_hf_weights(copy=False, sync=not complete):
             yield from to_checkpoint_names(name, t, self.engine_layout)
 
     def _zero3_gather(self, params: list):
@@ -244,17 +244,18 @@ class Learner(DeepSpeedWorker):
             self.transport.connect(engines)
         return True
 
-    def push_weights(self, engines: list, version: int, interrupt: bool = False) -> dict:
+    def push_weights(self, engines: list, version: int, interrupt: bool = False, complete: bool = False) -> dict:
         """Send the weights to `engines` through the transport (sync/), in buckets of at most
         `learner.sync_bucket_mb` MiB, then have them load the weights and adopt `version`: once their
         in-flight requests finish, or (interrupt) between two engine steps while those continue on
         the new weights. Every rank calls (ZeRO-3 gathers are collective); rank 0 sends and returns
         the stats, the others {}. Tensors travel in the learner's dtype and vLLM casts them:
-        pre-casting fp32 to bf16 would round parameters the engine keeps in fp32 (e.g. GDN's A_log)."""
+        pre-casting fp32 to bf16 would round parameters the engine keeps in fp32 (e.g. GDN's A_log).
+        complete: every weight, also those LoRA never changes (for engines holding another run's)."""
         import ray
 
         t0 = time.perf_counter()
-        weights = self.iter_engine_weights()
+        weights = self.iter_engine_weights(complete)
         if self.rank != 0:
             for _ in weights:  # take part in the gathers
                 pass

@@ -27,7 +27,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
     """Tests that start Ray, an engine, a learner or a training run are `slow`; the rest (pure logic,
     configs, single envs) make the quick inner loop `pytest -m "not slow"`."""
-    heavy = {"ray_cluster", "train", "warm_engines", "two_node_cluster"}
+    heavy = {"shared_ray", "ray_cluster", "train", "warm_engines", "two_node_cluster"}
     for item in items:
         if heavy & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
@@ -70,7 +70,7 @@ class SharedRay:
 
 
 @pytest.fixture(scope="session")
-def _shared_ray():
+def shared_ray():
     import ray
 
     shared = SharedRay()
@@ -80,8 +80,8 @@ def _shared_ray():
 
 
 @pytest.fixture
-def ray_cluster(_shared_ray):
-    return _shared_ray.ensure()
+def ray_cluster(shared_ray):
+    return shared_ray.ensure()
 
 
 class WarmEngines:
@@ -127,8 +127,8 @@ class WarmEngines:
 
 
 @pytest.fixture(scope="session")
-def warm_engines(_shared_ray):
-    return WarmEngines(_shared_ray)
+def warm_engines(shared_ray):
+    return WarmEngines(shared_ray)
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:

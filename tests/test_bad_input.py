@@ -238,19 +238,20 @@ def test_bad_observations_are_contract_errors():
     assert not ok and "step() returned obs of type dict for an episode that goes on" in msg and "[episode seed 1]" in msg
 
 
-# Real rollouts (Ray env actors + vLLM engine, in this process): kept last in the module, so that the
-# CLI runs above never see this module's Ray cluster.
+# Real rollouts (Ray env actors + vLLM engine, in this process, on the session's Ray instance)
 @pytest.fixture(scope="module")
-def rollout(ray_cluster, tiny_path):
+def rollout(shared_ray, tiny_path):
     """(engine, tokenizer) of a tiny fp32 Qwen3 policy, shared by the tests below."""
     from policies.build import load_tokenizer
     from rl.settings import engine_config
     from rollout.engine import VLLMEngine
 
+    ray = shared_ray.ensure()
     path = tiny_path("qwen3")
-    engine = ray_cluster.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype="float32", max_model_len=1024))
-    ray_cluster.get(engine.ready.remote())
-    return engine, load_tokenizer(path)
+    engine = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype="float32", max_model_len=1024))
+    ray.get(engine.ready.remote())
+    yield engine, load_tokenizer(path)
+    ray.kill(engine)
 
 
 def run_episodes(rollout, target: str, seeds: list[int], **settings):

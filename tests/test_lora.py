@@ -135,14 +135,15 @@ def test_synced_qwen3_5_engine_gets_the_merged_weights_and_keeps_the_rest(ray_cl
     eng = ray.remote(num_cpus=0.5)(VLLMEngine).remote(engine_config(model=path, dtype="auto"))
     assert ray.get(eng.ready.remote())["dtype"] == "bfloat16"
     learner = ray.remote(num_cpus=0.25)(Learner).remote(
-        path, learner_settings(micro_batch_size=8, lr=2e-2, zero_stage=2, lora=LoraConfig(rank=4, alpha=8, target_modules=targets)),
+        path, learner_settings(micro_batch_size=8, lr=2e-2, zero_stage=2, sync_bucket_mb=0.05,
+                               lora=LoraConfig(rank=4, alpha=8, target_modules=targets)),
         algo_settings(), 0, 1, "127.0.0.1", free_port(), 8)
     seqs, batch = probe_batch()
     w0 = ray.get(eng.named_weights.remote())
     scores0 = torch.tensor(ray.get(eng.score.remote(seqs)))
     for _ in range(2):
         ray.get(learner.train.remote(batch))
-    stats = sync(ray, [learner], eng, 1, bucket_mb=0.05)
+    stats = sync(ray, [learner], eng, 1)
     w1 = ray.get(eng.named_weights.remote())
     merged = ray.get(learner.hf_state_dict.remote())
     sent = {f"{m}.weight" for m in _sync_modules(path, targets)}
@@ -174,14 +175,14 @@ def test_zero3_two_ranks_engine_matches_learner_logprobs(ray_cluster, tiny_path)
     ray.get(eng.ready.remote())
     port = free_port()
     cls = ray.remote(num_cpus=0.25)(Learner)
-    learners = [cls.remote(path, learner_settings(micro_batch_size=4, lr=2e-2, zero_stage=3, lora=LoraConfig(rank=4)),
+    learners = [cls.remote(path, learner_settings(micro_batch_size=4, lr=2e-2, zero_stage=3, sync_bucket_mb=0.02, lora=LoraConfig(rank=4)),
                            algo_settings(), r, 2, "127.0.0.1", port, 8) for r in range(2)]
     seqs, batch = probe_batch()
     assert diff(ray, eng, learners, seqs, batch) < PARITY_TOL  # B = 0: merged == base at start
     for v in (1, 2):
         ray.get([x.train.remote(batch) for x in learners])
         assert diff(ray, eng, learners, seqs, batch) > 1e-3  # the learner moved, the engine is stale
-        stats = sync(ray, learners, eng, v, bucket_mb=0.02)
+        stats = sync(ray, learners, eng, v)
         assert stats["sync/buckets"] > 1
         assert diff(ray, eng, learners, seqs, batch) < PARITY_TOL, f"after sync {v}"
     for x in [eng, *learners]:
