@@ -17,9 +17,12 @@ def run_eval(tmp_path, *args, timeout=600):
     return subprocess.run(cmd, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
-def test_eval_during_training_and_of_the_exported_checkpoint(tmp_path, train):
-    """A 2-step run evaluating after every step; then `python -m rl.eval` on its run folder (loads
-    final/ in vLLM) scores the same held-out prompts as the last in-training evaluation."""
+def test_eval_during_training_and_of_the_exported_checkpoint(tmp_path, train, capsys):
+    """A 2-step run evaluating after every step; then `python -m rl.eval`'s main (in this process, on
+    the session's Ray instance) on its run folder (loads final/ in a fresh vLLM engine) scores the
+    same held-out prompts as the last in-training evaluation."""
+    from rl.eval import main as eval_main
+
     metrics = train("steps=2", "rollout.prompts_per_step=4", "rollout.group_size=4",
                     "learner.micro_batch_size=16", "eval.every=1", "eval.num_prompts=4", "eval.samples_per_prompt=2",
                     "logger.samples_every=1", "logger.samples_per_step=16")
@@ -36,10 +39,11 @@ def test_eval_during_training_and_of_the_exported_checkpoint(tmp_path, train):
     assert {s["seed"] for s in samples if s["step"] == 1} == {4, 5, 6, 7}
     assert "Eval (held-out seeds) mean reward" in (tmp_path / "run" / "report.md").read_text()
 
-    proc = run_eval(tmp_path, f"checkpoint={tmp_path / 'run'}", "env=copy_digits", "eval.num_prompts=4",
-                    "eval.samples_per_prompt=2", f"out={tmp_path / 'ev'}")
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    assert "reward mean" in proc.stdout and "exact frac" in proc.stdout
+    capsys.readouterr()
+    eval_main([f"checkpoint={tmp_path / 'run'}", "env=copy_digits", "eval.num_prompts=4", "eval.samples_per_prompt=2",
+               f"out={tmp_path / 'ev'}"])
+    out = capsys.readouterr().out
+    assert "reward mean" in out and "exact frac" in out
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert result["checkpoint"] == str((tmp_path / "run" / "final").resolve())
     assert result["config"]["eval"]["num_prompts"] == 4 and result["env"] == "copy_digits"

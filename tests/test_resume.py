@@ -44,10 +44,12 @@ def hf_weights(checkpoint):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, cache_dir, train):
-    """The uninterrupted run runs in-process on a warm engine (conftest `train`); the interrupted and
-    resumed ones through the CLI, each on a fresh engine: equal metrics also show that a borrowed
-    engine samples exactly what a fresh one does."""
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, cache_dir, train, capsys):
+    """The uninterrupted run and the resumed one run in-process on a warm engine (conftest `train`),
+    the interrupted one through the CLI on a fresh engine (a real SIGINT to its process group): equal
+    metrics also show that a borrowed engine samples exactly what a fresh one does."""
+    from rl.train import resume_args
+
     once, split = tmp_path / "once", tmp_path / "split"
     train(*SMALL, "checkpoint.every=2", "checkpoint.keep_last=2", run_dir=once)
     assert sorted(p.name for p in (once / "checkpoints").iterdir()) == ["step_000004", "step_000006"]  # keep_last
@@ -67,10 +69,13 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, cach
     assert f"checkpoint: {ckpt}" in err and f"resume={split}" in err, err[-2000:]
     assert len(rows(split)) == stopped_at
 
-    # resume from the run folder: the run's own overrides are re-applied (steps=6 etc.)
-    rc, out, err = finish(cli(tmp_path, cache_dir, None, f"resume={split}"))
-    assert rc == 0, err[-3000:]
-    assert f"resumed from {ckpt} (step {stopped_at}, policy version {stopped_at})" in out + err
+    # resume from the run folder as `python -m rl.train resume=<run>` does: the run's own overrides
+    # (its overrides.json, written by the CLI) re-applied (steps=6 etc.), the checkpoint resolved
+    capsys.readouterr()
+    args = resume_args([f"resume={split}"])
+    assert f"run_dir={split.resolve()}" in args and f"resume={ckpt.resolve()}" in args and "steps=6" in args
+    train(*args, run_dir=split)
+    assert f"resumed from {ckpt.resolve()} (step {stopped_at}, policy version {stopped_at})" in capsys.readouterr().out
     a, b = rows(once), rows(split)
     assert [r["step"] for r in b] == list(range(6))  # no step logged twice, none missing
     for ra, rb in zip(a, b):
