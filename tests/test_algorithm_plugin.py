@@ -1,5 +1,6 @@
 """A user algorithm from a plugin, without editing the core: the docs' example estimator plus a
 policy loss, registered through the `rl.algorithms` entry-point group, train for real."""
+import pytest
 import json
 import re
 import subprocess
@@ -38,6 +39,7 @@ def make_site(root):
     return site
 
 
+@pytest.mark.slow
 def test_plugin_algorithm_trains(tmp_path):
     site = make_site(tmp_path)
     env = cli_env(tmp_path)
@@ -52,6 +54,7 @@ def test_plugin_algorithm_trains(tmp_path):
     assert all(m["advantage/abs_mean"] > 0 and m["train/grad_norm"] > 0 for m in metrics)
 
 
+@pytest.mark.slow
 def test_plugin_names_are_listed_when_misspelt(tmp_path):
     site = make_site(tmp_path)
     env = cli_env(tmp_path)

@@ -26,16 +26,19 @@ def assert_failed_before_start(proc):
     assert "[qrl] run folder" not in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_unknown_config_key(tmp_path):
     line = error_line(run_cli(tmp_path, "learner.zero_stge=3"))
     assert "unknown config key 'learner.zero_stge'" in line and "zero_stage" in line
 
 
+@pytest.mark.slow
 def test_unknown_group_option(tmp_path):
     line = error_line(run_cli(tmp_path, "env=no_such_env"))
     assert "env/no_such_env" in line and "copy_digits" in line
 
 
+@pytest.mark.slow
 def test_unknown_algorithm_lists_the_available_ones(tmp_path):
     line = error_line(run_cli(tmp_path, "algorithm=ppo2"))
     assert "algorithm/ppo2" in line
@@ -43,58 +46,69 @@ def test_unknown_algorithm_lists_the_available_ones(tmp_path):
         assert name in line.split("available")[1], line
 
 
+@pytest.mark.slow
 def test_unknown_advantage_estimator(tmp_path):
     line = error_line(run_cli(tmp_path, "algorithm.advantage=gae2"))
     assert "algorithm.advantage='gae2' is unknown" in line and "gae" in line and "rloo" in line
 
 
+@pytest.mark.slow
 def test_unknown_loss_aggregation(tmp_path):
     line = error_line(run_cli(tmp_path, "algorithm.loss_agg=token_mean"))
     assert "algorithm.loss_agg='token_mean'" in line and "seq-mean-token-mean" in line
 
 
+@pytest.mark.slow
 def test_unknown_learner_kernel(tmp_path):
     line = error_line(run_cli(tmp_path, "learner.kernels='gdn,flash'"))
     assert "learner.kernels='gdn,flash'" in line and "['flash']" in line and "causal_conv" in line
 
 
+@pytest.mark.slow
 def test_unknown_trainer_mode(tmp_path):
     line = error_line(run_cli(tmp_path, "trainer.mode=fast"))
     assert "trainer.mode='fast'" in line and "one_step_off" in line and "async" in line
 
 
+@pytest.mark.slow
 def test_stale_correction_without_importance_sampling(tmp_path):
     line = error_line(run_cli(tmp_path, "trainer.mode=async", "trainer.stale_policy=correct",
                               "algorithm.is_correction=none"))
     assert "algorithm.is_correction=none" in line and "tis" in line
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_path(tmp_path):
     line = error_line(run_cli(tmp_path, f"policy.path={tmp_path / 'nope'}"))
     assert "does not exist" in line and "HF checkpoint folder" in line
 
 
+@pytest.mark.slow
 def test_checkpoint_folder_without_config(tmp_path):
     (tmp_path / "empty").mkdir()
     line = error_line(run_cli(tmp_path, f"policy.path={tmp_path / 'empty'}"))
     assert "without config.json" in line
 
 
+@pytest.mark.slow
 def test_env_plugin_that_fails_to_import(tmp_path):
     line = error_line(run_cli(tmp_path, "env._target_=no_such_plugin.envs:MyEnv"))
     assert "could not be imported" in line and "no_such_plugin" in line and "pip install" in line
 
 
+@pytest.mark.slow
 def test_inconsistent_batch_sizes(tmp_path):
     line = error_line(run_cli(tmp_path, "rollout.prompts_per_step=3", "learner.num_ranks=5"))
     assert "samples must split evenly" in line and "learner.num_ranks=5" in line
 
 
+@pytest.mark.slow
 def test_group_size_one(tmp_path):
     line = error_line(run_cli(tmp_path, "rollout.group_size=1"))
     assert "rollout.group_size=1" in line and "at least 2" in line
 
 
+@pytest.mark.slow
 def test_ray_temp_dir_too_long(tmp_path):
     line = error_line(run_cli(tmp_path, "ray.temp_dir=/tmp/" + "x" * 80))
     assert "ray.temp_dir" in line and "shorter" in line
@@ -177,6 +191,7 @@ def test_unparseable_model_output_is_a_counted_zero_reward():
     assert info_means(trajs)["env/info/parse_error"] == 0.5
 
 
+@pytest.mark.slow
 def test_env_kwargs_naming_a_missing_file(tmp_path):
     missing = tmp_path / "data" / "prompts.txt"
     proc = run_cli(tmp_path, "env._target_=tests.helpers.bad_envs:DatasetEnv", f"+env.kwargs.path={missing}")
@@ -186,6 +201,7 @@ def test_env_kwargs_naming_a_missing_file(tmp_path):
         f"directory: '{missing}'" in line and "Fix env.kwargs" in line
 
 
+@pytest.mark.slow
 def test_policy_folder_without_tokenizer_files_or_weights(tmp_path, tiny_path):
     import shutil
 
@@ -203,6 +219,7 @@ def test_policy_folder_without_tokenizer_files_or_weights(tmp_path, tiny_path):
     assert f"policy.path='{no_weights}' has config.json but no weights" in line and "save_pretrained" in line
 
 
+@pytest.mark.slow
 def test_tokenizer_without_chat_template(tmp_path, tiny_path):
     import json
     import shutil
@@ -307,6 +324,7 @@ def test_episode_longer_than_the_context_ends_exactly_at_the_limit(rollout):
     assert any(t.loss_mask[-1] == 0 for t in trajs)  # an env reply was cut at the limit
 
 
+@pytest.mark.slow
 def test_resume_from_a_missing_folder_or_a_run_without_checkpoints(tmp_path):
     line = error_line(run_cli(tmp_path, f"resume={tmp_path / 'no_such_run'}"))
     assert f"resume={tmp_path / 'no_such_run'}: no such folder" in line and "resume=latest" in line, line

@@ -33,6 +33,7 @@ def kill_engine_at_first_request(ctl) -> int:
     return pid
 
 
+@pytest.mark.slow
 def test_killed_engine_is_restarted_resynced_and_its_episodes_retried(cache_dir, tmp_path, monkeypatch):
     import ray
 

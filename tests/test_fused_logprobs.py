@@ -31,6 +31,7 @@ def interpret(monkeypatch):
     monkeypatch.setattr(fl, "BLOCK_V", 256)
 
 
+@pytest.mark.slow
 def test_kernels_under_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,

@@ -52,6 +52,7 @@ def test_default_targets_are_every_linear_layer_the_model_has(tiny_path):
         assert len(names) == (25 if family == "qwen3_5" else 7 * n_layers)
 
 
+@pytest.mark.slow
 def test_cli_bad_lora_settings_fail_at_start(tmp_path):
     from tests.test_bad_input import error_line
     from tests.test_bad_input import run_cli as run_bad

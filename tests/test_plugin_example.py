@@ -99,6 +99,7 @@ def test_installed_plugin_is_registered_and_works(plugin_site):
     assert steps[""] == [0.0, True, False, False]
 
 
+@pytest.mark.slow
 def test_trains_with_the_installed_plugin(tmp_path, cache_dir, plugin_site):
     """2 steps through the CLI. The plugin is importable only through PYTHONPATH; the Ray env actors
     inherit it (each EnvHost builds the env in __init__, so a plugin that does not import there fails

@@ -31,6 +31,7 @@ def test_preset_composes_with_its_typed_shape(name):
     assert cfg.policy.path == PRESETS[name].hub_id and cfg.policy.engine_dtype == "bfloat16"
 
 
+@pytest.mark.slow
 def test_cli_prints_the_preset(tmp_path):
     cmd = [sys.executable, "-m", "rl.train", "policy=qwen3_5_4b", "--cfg", "job"]
     out = subprocess.run(cmd, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
@@ -129,6 +130,7 @@ def test_tiny_folder_and_other_families_are_named(tiny_path, tmp_path):
         check_checkpoint_shape(str(tmp_path / "q3"), PRESETS["qwen3_5_2b"].shape)
 
 
+@pytest.mark.slow
 def test_run_with_a_mismatching_folder_fails_at_start(folder_9b, tmp_path):
     cmd = [sys.executable, "-m", "rl.train", "policy=qwen3_5_4b", f"policy.path={folder_9b}", "logger=console",
            f"run_dir={tmp_path / 'run'}"]

@@ -46,6 +46,7 @@ def _rank(rank, port, world, results):
     results[rank] = {n: t.clone() for n, t in got.items()}
 
 
+@pytest.mark.slow
 def test_broadcast_buckets_arrive_exactly_on_every_rank():
     port = free_port("")
     ctx = mp.get_context("spawn")
