@@ -226,6 +226,11 @@ class ChatRenderer:
 
 
 class EpisodeRunner:
+    # multi-turn episodes keep their request in the engine between turns (rollout/sessions.py);
+    # False (on the class or a runner): every turn is a fresh request over the whole conversation,
+    # as before sessions existed (bench/multiturn.py compares both)
+    engine_sessions: bool = True
+
     def __init__(self, env_pool: EnvPool, engines: list | EnginePool, tokenizer, settings: RolloutSettings, processor=None):
         self.pool, self.tok, self.s = env_pool, tokenizer, settings
         self.engine = EngineClient(engines)
@@ -234,9 +239,6 @@ class EpisodeRunner:
         self.stats: dict[str, float] = {}
         self.errors: list[dict] = []  # every env failure of the last run (episode slot, attempt, message)
         self._loop = asyncio.new_event_loop()
-        # multi-turn episodes keep their request in the engine between turns (rollout/sessions.py);
-        # False: every turn is a fresh request over the whole conversation (benchmarks compare both)
-        self.engine_sessions = True
 
     def with_settings(self, settings: RolloutSettings) -> "EpisodeRunner":
         """A runner with other settings (e.g. evaluation) on the same env pool, engines and event
