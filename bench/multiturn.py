@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import pstats
+import shlex
 import statistics
 import sys
 import tempfile
@@ -177,16 +178,18 @@ class DriverProbe:
 
             runner.tok.decode, runner.tok._probe_wrapped = decode, True
         sel = runner._loop._selector
-        real_select = sel.select
+        if not getattr(sel, "_probe_wrapped", False):  # one event loop for all runners
+            real_select = sel.select
 
-        def select(timeout=None):
-            t = time.perf_counter()
-            try:
-                return real_select(timeout)
-            finally:
-                self.select_s += time.perf_counter() - t
+            def select(timeout=None):
+                t = time.perf_counter()
+                try:
+                    return real_select(timeout)
+                finally:
+                    if DriverProbe.active is not None:
+                        DriverProbe.active.select_s += time.perf_counter() - t
 
-        sel.select = select
+            sel.select, sel._probe_wrapped = select, True
 
     @staticmethod
     def _task():
@@ -383,6 +386,11 @@ def main() -> None:
                                                 num_actors=cfg.env.num_actors))
             pool = pools[key]
             runner = EpisodeRunner(pool, [engine], tok, rollout_settings(cfg, max_turns=turns))
+            # one event loop for all runners, as EpisodeRunner.with_settings does: an env pool's
+            # pending calls (e.g. the closes queued as a batch ends) run on the loop that queued them
+            if runners:
+                runner._loop.close()
+                runner._loop = next(iter(runners.values()))._loop
             if hasattr(runner, "engine_sessions"):  # absent before multi-turn sessions existed
                 runner.engine_sessions = sessions
             runners[name], probes[name] = runner, DriverProbe(runner)
@@ -435,12 +443,14 @@ def main() -> None:
         summary[name] = {"median": med, "ratio_vs_baseline_per_round": ratios,
                          "ratio_vs_baseline_median": statistics.median(ratios) if ratios else None,
                          "per_turn_last_round": rows[-1]["per_turn"]}
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    command = ".venv/bin/python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     result = {"command": command, "label": args.label, "cpu": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prompts": args.prompts,
               "group_size": cfg.rollout.group_size, "max_tokens": cfg.rollout.max_tokens,
               "prefix_caching": args.prefix_caching, "rounds": args.rounds, "workloads": summary,
-              "raw": results, "profile": profile_text}
+              "raw": {n: [{k: v for k, v in row.items() if k != "steps_raw"} for row in rows]
+                      for n, rows in results.items()},
+              "profile": profile_text}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
@@ -488,7 +498,7 @@ def training_ab(args) -> None:
         summary[name] = {"tokens_per_s_median": statistics.median(meds), "per_round": runs,
                          "ratio_per_round": [m / b for m, b in zip(meds, base)],
                          "ratio_median": statistics.median(m / b for m, b in zip(meds, base))}
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    command = ".venv/bin/python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     result = {"command": command, "label": args.label, "steps": args.steps, "rounds": args.rounds,
               "load_avg_at_end": os.getloadavg(), "runs": summary}
     out = Path(args.out)
